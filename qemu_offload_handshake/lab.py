@@ -1,0 +1,413 @@
+"""A lab of real local QEMUs: start them, boot the test guest, migrate between them, clean up.
+
+Used by the tests, the benchmarks and the ``demo`` command. It needs root (tap devices) and what
+``scripts/setup.sh`` installs: QEMU >= 10 on the PATH, QEMU 7.2 unpacked in the cache folder, the test guest
+(kernel + busybox initramfs) and the no-USO shim. This is I/O shell code; it sends any QMP command it likes
+(it *drives* QEMU), unlike the precheck's read-only prober.
+
+Every QEMU it starts gets ``PR_SET_PDEATHSIG`` (dies with the Python process) and every tap it creates is
+deleted in ``Lab.close()``; ``leftovers()`` finds what an earlier run may have left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from qemu.qmp import QMPClient, QMPError
+
+from .errors import HandshakeError
+from .virtio_status import parse_feature_block, parse_status
+
+__all__ = [
+    "Lab",
+    "LabError",
+    "Migration",
+    "Nic",
+    "Vm",
+    "VmSpec",
+    "cache_dir",
+    "leftovers",
+    "prerequisites",
+]
+
+Backend = Literal["tap", "tap-nouso", "user"]
+Mode = Literal["paused", "booted", "incoming"]
+QemuVersion = Literal["10", "7.2"]
+
+TAP_PREFIX = "qoh"  # every tap the lab makes starts with this
+NAME_PREFIX = "qoh-lab-"  # every QEMU the lab starts has -name qoh-lab-...
+GUEST_READY = "QOH-GUEST-READY"
+DRIVER_OK = 4
+
+
+class LabError(HandshakeError):
+    """The lab cannot do what was asked (a prerequisite is missing, QEMU died, a guest did not boot)."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QOH_CACHE")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """One virtio-net NIC: its qdev id, its backend and extra ``-device`` properties."""
+
+    id: str
+    backend: Backend = "tap"
+    props: tuple[tuple[str, str], ...] = ()
+    driver: str = "virtio-net-pci"
+
+    @classmethod
+    def make(cls, id: str, backend: Backend = "tap", **props: str | bool) -> Nic:
+        items = tuple((k, ("on" if v else "off") if isinstance(v, bool) else v) for k, v in props.items())
+        return cls(id, backend, items)
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    qemu: QemuVersion = "10"
+    machine: str = "q35"
+    nics: tuple[Nic, ...] = (Nic("net0"),)
+    mode: Mode = "paused"
+    memory_mb: int = 256
+
+    def destination(self, backends: Mapping[str, Backend] | None = None, **changes: Any) -> VmSpec:
+        """The same VM as an ``-incoming defer`` destination, with some NIC backends replaced."""
+        backends = backends or {}
+        nics = tuple(replace(n, backend=backends.get(n.id, n.backend)) for n in self.nics)
+        return replace(self, mode="incoming", nics=nics, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    status: str  # completed / failed / cancelled / timeout
+    error: str | None  # the source's error-desc
+    dest_error: str  # what the destination printed on stderr
+    source_state: str | None  # run state of the source afterwards (None: it is gone)
+    dest_state: str | None  # run state of the destination afterwards (None: it exited)
+    offered_before: dict[str, int]  # qdev id -> bitmap offered by the source
+    offered_after: dict[str, int] | None  # qdev id -> bitmap offered by the destination, if it lives
+
+    @property
+    def source_running(self) -> bool:
+        return self.source_state == "running"
+
+
+@dataclass(frozen=True, slots=True)
+class _Build:
+    binary: str
+    env: Mapping[str, str]
+    args: tuple[str, ...]
+
+
+def _build(version: QemuVersion) -> _Build:
+    if version == "10":
+        binary = shutil.which("qemu-system-x86_64")
+        if binary is None:
+            raise LabError("qemu-system-x86_64 (QEMU >= 10) is not installed: run scripts/setup.sh")
+        return _Build(binary, {}, ())
+    root = cache_dir() / "qemu-7.2"
+    binary = str(root / "usr/bin/qemu-system-x86_64")
+    if not os.access(binary, os.X_OK):
+        raise LabError(f"QEMU 7.2 is not unpacked at {root}: run scripts/setup.sh")
+    libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
+    env = {"QEMU_MODULE_DIR": f"{root}/usr/lib/x86_64-linux-gnu/qemu", "LD_LIBRARY_PATH": libs}
+    # Firmware and NIC option ROMs: the system's SeaBIOS and iPXE, then 7.2's own data (NOTES, seen).
+    args = ("-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu", "-L", f"{root}/usr/share/qemu")
+    return _Build(binary, env, args)
+
+
+def prerequisites(*, guest: bool = True, qemu72: bool = True) -> list[str]:
+    """What is missing for the lab to run, as sentences (empty: ready)."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root: tap devices need root")
+    if not os.path.exists("/dev/net/tun"):
+        problems.append("/dev/net/tun is missing")
+    versions: list[QemuVersion] = ["10", "7.2"] if qemu72 else ["10"]
+    for version in versions:
+        try:
+            _build(version)
+        except LabError as err:
+            problems.append(str(err))
+    if guest:
+        for name in ("vmlinuz", "initrd.gz"):
+            if not (cache_dir() / "guest" / name).exists():
+                problems.append(f"test guest {name} missing in {cache_dir() / 'guest'}: run scripts/setup.sh")
+    if not (cache_dir() / "nouso.so").exists():
+        problems.append(f"no-USO shim missing at {cache_dir() / 'nouso.so'}: run scripts/setup.sh")
+    return problems
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: QEMU dies with us, whatever happens
+
+
+def leftovers() -> tuple[list[int], list[str]]:
+    """Pids of live lab QEMUs and names of lab taps on this machine (from this or an earlier run)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if NAME_PREFIX.encode() in cmdline and b"qemu-system" in cmdline:
+            pids.append(int(proc.name))
+    taps = sorted(p.name for p in Path("/sys/class/net").iterdir()
+                  if p.name.startswith(TAP_PREFIX) and (p / "tun_flags").exists())
+    return pids, taps
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
+    if done.returncode != 0:
+        raise LabError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class Vm:
+    spec: VmSpec
+    name: str
+    dir: Path
+    argv: list[str]
+    proc: asyncio.subprocess.Process
+    taps: dict[str, str]  # nic id -> tap name
+    qmp: QMPClient = field(default_factory=QMPClient)
+
+    @property
+    def qmp_path(self) -> str:
+        return str(self.dir / "qmp.sock")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def stderr_text(self) -> str:
+        return (self.dir / "stderr.log").read_text(errors="replace")
+
+    def serial_text(self) -> str:
+        path = self.dir / "serial.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def execute(self, command: str, args: Mapping[str, object] | None = None,
+                      timeout: float = 30.0) -> Any:
+        try:
+            return await asyncio.wait_for(self.qmp.execute(command, dict(args) if args else None), timeout)
+        except (QMPError, TimeoutError, OSError) as err:
+            raise LabError(f"{self.name}: {command} failed: {err!r}; stderr: {self.stderr_text()}") from err
+
+    async def virtio_paths(self) -> dict[str, str]:
+        """qdev id -> QOM path of the virtio backend, for every virtio-net device of this VM."""
+        paths = {}
+        for dev in await self.execute("x-query-virtio"):
+            m = re.match(r"/machine/peripheral/([^/]+)/", dev["path"])
+            if dev["name"] == "virtio-net" and m:
+                paths[m.group(1)] = dev["path"]
+        return paths
+
+    async def features(self, which: str = "host-features") -> dict[str, int]:
+        """qdev id -> feature bitmap (``host-features`` = offered, ``guest-features`` = negotiated)."""
+        result = {}
+        for nic, path in (await self.virtio_paths()).items():
+            status = await self.execute("x-query-virtio-status", {"path": path})
+            result[nic] = parse_feature_block(status[which], where=f"{self.name} {nic}").bitmap
+        return result
+
+    async def driver_status(self) -> dict[str, int]:
+        result = {}
+        for nic, path in (await self.virtio_paths()).items():
+            status = await self.execute("x-query-virtio-status", {"path": path})
+            result[nic] = parse_status(status["status"])
+        return result
+
+    async def run_state(self) -> str | None:
+        if not self.alive:
+            return None
+        try:
+            reply = await asyncio.wait_for(self.qmp.execute("query-status"), 10)
+        except (QMPError, TimeoutError, OSError):
+            return None
+        return str(reply["status"])  # type: ignore[index]
+
+
+class Lab:
+    """Owns every QEMU and tap it makes; ``async with Lab() as lab`` cleans up whatever happens."""
+
+    def __init__(self, *, boot_timeout: float = 120.0) -> None:
+        self.boot_timeout = boot_timeout
+        self.dir = Path(tempfile.mkdtemp(prefix="qoh-lab-"))
+        self.vms: list[Vm] = []
+        self._taps: list[str] = []
+        self._count = 0
+
+    async def __aenter__(self) -> Lab:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _new_tap(self) -> str:
+        self._count += 1
+        name = f"{TAP_PREFIX}{os.getpid() % 100000}t{self._count}"[:15]
+        _ip("tuntap", "add", "dev", name, "mode", "tap")
+        self._taps.append(name)
+        return name
+
+    def _argv(self, spec: VmSpec, name: str, vmdir: Path, taps: Mapping[str, str]) -> list[str]:
+        build = _build(spec.qemu)
+        guest = cache_dir() / "guest"
+        argv = [build.binary, *build.args, "-name", name, "-nodefaults", "-no-user-config",
+                "-display", "none", "-accel", "tcg", "-machine", spec.machine, "-m", str(spec.memory_mb),
+                "-smp", "1",
+                "-chardev", f"socket,id=qmp,path={vmdir / 'qmp.sock'},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control",
+                "-serial", f"file:{vmdir / 'serial.log'}",
+                # The same kernel on every side (also paused and incoming ones) so both sides have equal ROMs.
+                "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz"),
+                "-append", "console=ttyS0 panic=-1 quiet"]
+        for index, nic in enumerate(spec.nics):
+            netdev = f"hn-{nic.id}"
+            if nic.backend == "user":
+                argv += ["-netdev", f"user,id={netdev}"]
+            else:
+                argv += ["-netdev", f"tap,id={netdev},ifname={taps[nic.id]},script=no,downscript=no"]
+            props = "".join(f",{k}={v}" for k, v in nic.props)
+            mac = f"52:54:00:12:34:{index + 0x10:02x}"
+            argv += ["-device", f"{nic.driver},id={nic.id},netdev={netdev},mac={mac}{props}"]
+        if spec.mode == "paused":
+            argv.append("-S")
+        elif spec.mode == "incoming":
+            argv += ["-incoming", "defer"]
+        return argv
+
+    async def start(self, spec: VmSpec, *, extra_args: Iterable[str] = ()) -> Vm:
+        """Start one QEMU; in ``booted`` mode return once the guest's virtio-net driver is up."""
+        self._count += 1
+        name = f"{NAME_PREFIX}{os.getpid()}-{self._count}"
+        vmdir = self.dir / name
+        vmdir.mkdir()
+        taps = {n.id: self._new_tap() for n in spec.nics if n.backend != "user"}
+        argv = [*self._argv(spec, name, vmdir, taps), *extra_args]
+        env = dict(os.environ) | dict(_build(spec.qemu).env)
+        nouso = [taps[n.id] for n in spec.nics if n.backend == "tap-nouso"]
+        if nouso:
+            env["LD_PRELOAD"] = str(cache_dir() / "nouso.so")
+            env["QOH_NOUSO_TAPS"] = ",".join(nouso)
+        (vmdir / "argv").write_text(" ".join(argv) + "\n")
+        with open(vmdir / "stderr.log", "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, preexec_fn=_pdeathsig)
+        vm = Vm(spec, name, vmdir, argv, proc, taps)
+        self.vms.append(vm)
+        await self._connect(vm)
+        if spec.mode == "booted":
+            await self._wait_guest(vm)
+        return vm
+
+    async def _connect(self, vm: Vm) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            if not vm.alive:
+                raise LabError(f"{vm.name} exited at start ({vm.proc.returncode}): {vm.stderr_text()}")
+            if os.path.exists(vm.qmp_path):
+                try:
+                    await asyncio.wait_for(vm.qmp.connect(vm.qmp_path), 10)
+                    return
+                except (QMPError, OSError, TimeoutError):
+                    vm.qmp = QMPClient()
+            if loop.time() > deadline:
+                raise LabError(f"{vm.name}: no QMP socket after 30 s; stderr: {vm.stderr_text()}")
+            await asyncio.sleep(0.05)
+
+    async def _wait_guest(self, vm: Vm) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.boot_timeout
+        while GUEST_READY not in vm.serial_text():
+            text = vm.serial_text()
+            if "Kernel panic" in text or "QOH-GUEST-ERROR" in text or not vm.alive:
+                raise LabError(f"{vm.name}: guest failed to boot; serial:\n{text[-2000:]}\n{vm.stderr_text()}")
+            if loop.time() > deadline:
+                raise LabError(f"{vm.name}: guest not ready after {self.boot_timeout} s; serial:\n{text[-2000:]}")
+            await asyncio.sleep(0.1)
+        status = await vm.driver_status()
+        if not all(s & DRIVER_OK for s in status.values()):
+            raise LabError(f"{vm.name}: guest is up but a virtio-net driver is not: {status}")
+
+    async def migrate(self, src: Vm, dst: Vm, *, timeout: float = 180.0) -> Migration:
+        """Migrate for real over a UNIX socket with ``return-path`` on both sides, and report."""
+        before = await src.features()
+        caps = {"capabilities": [{"capability": "return-path", "state": True}]}
+        await src.execute("migrate-set-capabilities", caps)
+        await dst.execute("migrate-set-capabilities", caps)
+        uri = f"unix:{self.dir / (dst.name + '-migrate.sock')}"
+        await dst.execute("migrate-incoming", {"uri": uri})
+        await src.execute("migrate", {"uri": uri})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        status, error = "timeout", None
+        while loop.time() < deadline:
+            info = await src.execute("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                status, error = info["status"], info.get("error-desc")
+                break
+            await asyncio.sleep(0.1)
+        if status != "completed":
+            # A destination that failed to load exits; give it a moment so its stderr is complete.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dst.proc.wait(), 10)
+        after = await dst.features() if status == "completed" and dst.alive else None
+        return Migration(status, error, dst.stderr_text(), await src.run_state(), await dst.run_state(),
+                         before, after)
+
+    async def stop(self, vm: Vm) -> None:
+        if vm.alive:
+            with contextlib.suppress(QMPError, TimeoutError, OSError):
+                await asyncio.wait_for(vm.qmp.execute("quit"), 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(vm.proc.wait(), 5)
+        if vm.alive:
+            with contextlib.suppress(ProcessLookupError):
+                vm.proc.kill()
+            await vm.proc.wait()
+        # qemu.qmp re-raises, on disconnect, whatever ended the connection (EOFError once QEMU quit).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(vm.qmp.disconnect(), 3)
+        for tap in vm.taps.values():
+            if tap in self._taps:
+                self._taps.remove(tap)
+                with contextlib.suppress(LabError):
+                    _ip("link", "del", tap)
+
+    async def close(self) -> None:
+        try:
+            for vm in self.vms:
+                try:
+                    await self.stop(vm)
+                finally:
+                    if vm.alive:  # stop() was interrupted: PDEATHSIG would get it later, but not now
+                        with contextlib.suppress(ProcessLookupError):
+                            vm.proc.kill()
+            self.vms.clear()
+        finally:
+            for tap in self._taps:
+                with contextlib.suppress(LabError):
+                    _ip("link", "del", tap)
+            self._taps.clear()
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Installs everything the tool, its tests and its benchmarks need, on Debian 12 (bookworm) or 13 (trixie), as root.
+# Idempotent: every step checks first, so a re-run on a ready machine takes seconds.
+# Downloads are cached under .cache/ in the project root (ignored by git); QOH_CACHE overrides the folder.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${QOH_CACHE:-$ROOT/.cache}
+export DEBIAN_FRONTEND=noninteractive
+log() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (apt-get, tap devices)"
+[ -r /etc/os-release ] || die "no /etc/os-release: not a Debian machine?"
+. /etc/os-release
+mkdir -p "$CACHE/debs"
+
+APT_UPDATED=0
+apt_update() { if [ "$APT_UPDATED" = 0 ]; then log "apt-get update"; apt-get update -qq; APT_UPDATED=1; fi; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+add_source() { # name suite pin(optional)
+  local file=/etc/apt/sources.list.d/$1.sources
+  [ -e "$file" ] && return 0
+  local uri
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=http://deb.debian.org/debian
+  log "adding apt source $2"
+  printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    "$uri" "$2" > "$file"
+  if [ -n "${3:-}" ]; then
+    printf 'Package: *\nPin: release n=%s\nPin-Priority: %s\n' "$2" "$3" > "/etc/apt/preferences.d/$1"
+  fi
+  APT_UPDATED=0
+}
+
+# --- 1. apt sources: QEMU >= 10, the 6.12 cloud kernel, and QEMU 7.2 (bookworm's) -----------------------
+case "${VERSION_CODENAME:-}" in
+  bookworm) add_source qoh-backports bookworm-backports; QEMU_SUITE=bookworm-backports; KMETA=linux-image-6.12-cloud-amd64 ;;
+  trixie) add_source qoh-bookworm bookworm 1; QEMU_SUITE=trixie; KMETA=linux-image-cloud-amd64 ;;
+  *) die "unsupported system '${PRETTY_NAME:-unknown}': Debian 12 or 13 needed" ;;
+esac
+
+# --- 2. packages from the system ------------------------------------------------------------------------
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+if [ "$(qemu_major || true)" = "" ] || [ "$(qemu_major)" -lt 10 ]; then
+  apt_update
+  log "installing QEMU >= 10 from $QEMU_SUITE"
+  apt-get install -y -q -t "$QEMU_SUITE" qemu-system-x86 >/dev/null
+fi
+[ "$(qemu_major)" -ge 10 ] || die "qemu-system-x86_64 is $(qemu_major), need >= 10"
+missing=()
+for p in busybox-static iproute2 xz-utils cpio gcc libc6-dev python3-venv ipxe-qemu seabios; do
+  have_pkg "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_update; log "installing ${missing[*]}"; apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+# --- 3. QEMU 7.2 unpacked beside the system's QEMU ------------------------------------------------------
+Q72=$CACHE/qemu-7.2
+if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then
+  apt_update
+  rm -rf "$Q72" "$CACHE/debs/q72"; mkdir -p "$CACHE/debs/q72"
+  for p in qemu-system-x86 qemu-system-common qemu-system-data; do
+    ver=$(apt-cache madison "$p" | awk -F'|' '{gsub(/ /,"",$2)} $2 ~ /^1:7\.2\+/ {print $2}' | sort -V | tail -n 1)
+    [ -n "$ver" ] || die "no QEMU 7.2 package $p in the apt sources"
+    log "downloading $p=$ver"
+    (cd "$CACHE/debs/q72" && apt-get download -q "$p=$ver" >/dev/null)
+  done
+  for d in "$CACHE"/debs/q72/*.deb; do dpkg-deb -x "$d" "$Q72"; done
+  # Libraries QEMU 7.2 links against that the system lacks (e.g. on Debian 13) are unpacked beside it and
+  # found through LD_LIBRARY_PATH by whoever starts it (see qemu_offload_handshake/lab.py).
+  deps=$(for d in "$CACHE"/debs/q72/*.deb; do dpkg-deb -f "$d" Depends; done | tr ',' '\n' \
+         | sed 's/|.*//; s/(.*)//; s/ //g; s/:any$//' | grep -v '^qemu-' | grep -v '^$' | sort -u)
+  for p in $deps; do
+    have_pkg "$p" && continue
+    log "unpacking library $p for QEMU 7.2"
+    (cd "$CACHE/debs/q72" && apt-get download -q "$p" >/dev/null 2>&1) || log "warning: could not download $p"
+  done
+  for d in "$CACHE"/debs/q72/*.deb; do dpkg-deb -x "$d" "$Q72"; done
+  notfound=$(LD_LIBRARY_PATH=$Q72/usr/lib/x86_64-linux-gnu:$Q72/lib/x86_64-linux-gnu \
+             ldd "$Q72/usr/bin/qemu-system-x86_64" | grep 'not found' || true)
+  [ -z "$notfound" ] || die "QEMU 7.2 still misses libraries: $notfound"
+  touch "$Q72/.complete"
+fi
+
+# --- 4. guest kernel (Debian cloud 6.12) and a busybox initramfs that loads virtio_net --------------------
+GUEST=$CACHE/guest
+if [ ! -e "$GUEST/.complete" ]; then
+  apt_update
+  kpkg=$(apt-cache depends "$KMETA" | awk '/Depends: linux-image-/ {print $2; exit}')
+  [ -n "$kpkg" ] || die "cannot resolve $KMETA to a kernel package"
+  log "downloading guest kernel $kpkg"
+  rm -rf "$GUEST" "$CACHE/debs/kernel"; mkdir -p "$CACHE/debs/kernel" "$GUEST"
+  (cd "$CACHE/debs/kernel" && apt-get download -q "$kpkg" >/dev/null)
+  dpkg-deb -x "$CACHE"/debs/kernel/*.deb "$CACHE/debs/kernel/root"
+  kdir=$(ls -d "$CACHE"/debs/kernel/root/lib/modules/* 2>/dev/null | head -n 1)
+  [ -n "$kdir" ] || kdir=$(ls -d "$CACHE"/debs/kernel/root/usr/lib/modules/* | head -n 1)
+  kver=$(basename "$kdir")
+  cp "$CACHE"/debs/kernel/root/boot/vmlinuz-"$kver" "$GUEST/vmlinuz"
+  ird=$GUEST/initrd.d; mkdir -p "$ird"/{bin,proc,sys,dev,lib/modules}
+  cp /bin/busybox "$ird/bin/busybox"
+  for m in net/core/failover drivers/net/net_failover drivers/net/virtio_net; do
+    xz -dc "$kdir/kernel/$m.ko.xz" > "$ird/lib/modules/$(basename "$m").ko"
+  done
+  cp "$ROOT/scripts/guest-init.sh" "$ird/init"; chmod 755 "$ird/init"
+  (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1 > "$GUEST/initrd.gz")
+  echo "$kver" > "$GUEST/kernel-version"
+  rm -rf "$ird" "$CACHE/debs/kernel/root"
+  touch "$GUEST/.complete"
+fi
+if [ "$ROOT/scripts/guest-init.sh" -nt "$GUEST/initrd.gz" ]; then
+  rm -f "$GUEST/.complete"; exec "$0" "$@"   # the init script changed: rebuild the initramfs
+fi
+
+# --- 5. the no-USO shim (makes a tap look like a kernel older than 6.2) ---------------------------------
+SHIM=$CACHE/nouso.so
+if [ ! -e "$SHIM" ] || [ "$ROOT/shim/nouso.c" -nt "$SHIM" ]; then
+  log "building $SHIM"
+  gcc -O2 -Wall -Wextra -Werror -shared -fPIC -o "$SHIM" "$ROOT/shim/nouso.c" -ldl
+fi
+
+# --- 6. tap devices -------------------------------------------------------------------------------------
+[ -c /dev/net/tun ] || { modprobe tun 2>/dev/null || true; }
+[ -c /dev/net/tun ] || die "/dev/net/tun is missing: tap devices cannot be made"
+
+# --- 7. the virtualenv ----------------------------------------------------------------------------------
+VENV=$ROOT/.venv
+stamp=$VENV/.qoh-installed
+if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+  log "creating $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  touch "$stamp"
+fi
+log "ready: $(qemu-system-x86_64 --version | head -n 1); QEMU 7.2 in $Q72; guest kernel $(cat "$GUEST/kernel-version")"

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real-QEMU lab, and a run-wide check that nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from qemu_offload_handshake import lab
+
+CI = os.environ.get("CI", "").lower() == "true"
+_before: tuple[list[int], list[str]] = ([], [])
+
+
+def require_lab(*, guest: bool = True, qemu72: bool = True) -> None:
+    """Skip a test that needs real QEMU when the machine lacks it; under CI=true, fail instead."""
+    problems = lab.prerequisites(guest=guest, qemu72=qemu72)
+    if problems:
+        message = "real-QEMU prerequisites missing (run scripts/setup.sh): " + "; ".join(problems)
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+async def qlab() -> AsyncIterator[lab.Lab]:
+    require_lab()
+    async with lab.Lab() as the_lab:
+        yield the_lab
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _before
+    _before = lab.leftovers()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    pids, taps = lab.leftovers()
+    new_pids = sorted(set(pids) - set(_before[0]))
+    new_taps = sorted(set(taps) - set(_before[1]))
+    if new_pids or new_taps:
+        print(f"\nLEAK: the run left QEMU processes {new_pids} and tap devices {new_taps} behind")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
