@@ -22,6 +22,10 @@ async def test_guest_on_qemu10_tap_negotiates_uso(qlab: Lab) -> None:
     assert offered & USO_MASK == USO_MASK
     assert negotiated & USO_MASK == USO_MASK
     assert negotiated & ~offered == 0
+    # The guest kernel's own view (/sys/class/net/eth0/device/features, bit i = character i) agrees.
+    line = re.search(r"QOH-GUEST-NIC eth0 ([01]+)", vm.serial_text())
+    assert line, vm.serial_text()
+    assert int(line.group(1)[::-1], 2) == negotiated
 
 
 async def test_booted_guest_to_tap_without_uso_fails_and_source_keeps_running(qlab: Lab) -> None:
@@ -34,6 +38,7 @@ async def test_booted_guest_to_tap_without_uso_fails_and_source_keeps_running(ql
     assert match, result.dest_error
     wanted, allowed = int(match.group(1), 16), int(match.group(2), 16)
     assert wanted & ~allowed == USO_MASK  # exactly the USO bits the guest negotiated are refused
+    assert wanted == (await src.features("guest-features"))["net0"]
     assert result.source_running
     assert result.dest_state is None  # the destination died
 

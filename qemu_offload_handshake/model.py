@@ -1,0 +1,220 @@
+"""The report model: frozen, typed value objects, validated when they are made.
+
+* ``NicReport``: one virtio-net device as seen on one side.
+* ``VmReport``: one side of a migration (a QEMU and its NICs).
+* ``HostCapabilities``: what one host's QEMU offers per backend kind when every feature is requested (for the
+  cluster baseline).
+
+Bitmaps are Python ints of any width (QEMU 10.2 uses bits up to 68; the model allows up to ``MAX_BITMAP_BITS``).
+Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+
+__all__ = [
+    "MAX_BITMAP_BITS",
+    "MAX_ITEMS",
+    "MAX_STRING_BYTES",
+    "HostCapabilities",
+    "NicReport",
+    "Tri",
+    "VmReport",
+    "parse_tri",
+]
+
+MAX_BITMAP_BITS = 512  # well above QEMU's VIRTIO_FEATURES_MAX of 128, bounded so hostile input stays small
+MAX_STRING_BYTES = 1024
+MAX_ITEMS = 256  # NICs per VM, properties per NIC, backends per host, notes per record
+
+
+class Tri(enum.IntEnum):
+    """A declared offload property: unset (QEMU's default applies), off, on, or auto."""
+
+    UNSET = 0
+    OFF = 1
+    ON = 2
+    AUTO = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+def parse_tri(value: object) -> Tri:
+    """QEMU's answer for a property: booleans today, ``"on"/"off"/"auto"`` strings for OnOffAuto properties."""
+    if isinstance(value, bool):
+        return Tri.ON if value else Tri.OFF
+    if isinstance(value, str) and value.lower() in ("on", "off", "auto"):
+        return Tri[value.upper()]
+    raise ValueError(f"not an on/off/auto property value: {value!r}")
+
+
+def _check_str(name: str, value: str | None, *, optional: bool = False) -> None:
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{name} is required")
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES:
+        raise ValueError(f"{name} is longer than {MAX_STRING_BYTES} bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} is not valid Unicode text: {err}") from None
+
+
+def _check_bitmap(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int bitmap, not {type(value).__name__}")
+    if value < 0 or value.bit_length() > MAX_BITMAP_BITS:
+        raise ValueError(f"{name} must be a bitmap of at most {MAX_BITMAP_BITS} bits: {value:#x}")
+
+
+def _check_items(name: str, items: tuple[object, ...]) -> None:
+    if not isinstance(items, tuple):
+        raise TypeError(f"{name} must be a tuple")
+    if len(items) > MAX_ITEMS:
+        raise ValueError(f"{name} has more than {MAX_ITEMS} entries")
+
+
+@dataclass(frozen=True, slots=True)
+class NicReport:
+    qdev_id: str  # "" for a device created without an id: qom_path identifies it then
+    qom_path: str
+    netdev_id: str | None = None
+    backend: str | None = None  # "tap", "user", "vhost-user", ... when known
+    properties: tuple[tuple[str, Tri], ...] = ()  # declared offload properties, sorted by name
+    offered: int | None = None  # host-features: what the device offers the guest
+    negotiated: int | None = None  # guest-features: what the driver accepted (valid once FEATURES_OK)
+    driver_status: int | None = None  # virtio status byte
+    backend_features: int | None = None  # backend-features (vhost) when QEMU reports them
+    vnet_hdr: bool | None = None  # whether the backend has a virtio-net header (None: not known)
+    unreadable: tuple[str, ...] = ()  # facts that could not be read, as short sentences
+
+    def __post_init__(self) -> None:
+        _check_str("qdev_id", self.qdev_id)
+        _check_str("qom_path", self.qom_path)
+        if not self.qdev_id and not self.qom_path:
+            raise ValueError("a NIC needs a qdev id or a QOM path")
+        _check_str("netdev_id", self.netdev_id, optional=True)
+        _check_str("backend", self.backend, optional=True)
+        for name in ("offered", "negotiated", "backend_features"):
+            _check_bitmap(name, getattr(self, name))
+        if self.driver_status is not None and (
+            isinstance(self.driver_status, bool) or not isinstance(self.driver_status, int)
+            or not 0 <= self.driver_status <= 0xFF
+        ):
+            raise ValueError(f"driver_status must be a byte: {self.driver_status!r}")
+        if self.vnet_hdr is not None and not isinstance(self.vnet_hdr, bool):
+            raise TypeError("vnet_hdr must be a bool or None")
+        _check_items("properties", self.properties)
+        names = [p[0] for p in self.properties]
+        if names != sorted(set(names)):
+            raise ValueError("properties must be sorted by name without duplicates (use NicReport.make)")
+        for prop, tri in self.properties:
+            _check_str("property name", prop)
+            if not isinstance(tri, Tri):
+                raise TypeError(f"property {prop}: {tri!r} is not a Tri")
+            if tri is Tri.UNSET:
+                raise ValueError(f"property {prop}: an unset property is left out, not stored as UNSET")
+        _check_items("unreadable", self.unreadable)
+        for note in self.unreadable:
+            _check_str("unreadable note", note)
+
+    @classmethod
+    def make(cls, qdev_id: str, qom_path: str, *, properties: Mapping[str, Tri] | None = None,
+             unreadable: Iterable[str] = (), **fields: object) -> NicReport:
+        props = tuple(sorted((k, v) for k, v in (properties or {}).items() if v is not Tri.UNSET))
+        return cls(qdev_id, qom_path, properties=props, unreadable=tuple(unreadable), **fields)  # type: ignore[arg-type]
+
+    @property
+    def key(self) -> str:
+        """How devices are matched across sides: the qdev id, else the QOM path."""
+        return self.qdev_id or self.qom_path
+
+    def prop(self, name: str) -> Tri:
+        for prop, tri in self.properties:
+            if prop == name:
+                return tri
+        return Tri.UNSET
+
+    @property
+    def driver_ok(self) -> bool:
+        return self.driver_status is not None and bool(self.driver_status & 4)
+
+    @property
+    def features_ok(self) -> bool:
+        return self.driver_status is not None and bool(self.driver_status & 8)
+
+
+@dataclass(frozen=True, slots=True)
+class VmReport:
+    host: str
+    qemu_version: tuple[int, int, int] | None
+    package: str | None
+    machine: str | None
+    nics: tuple[NicReport, ...] = ()
+    unreadable: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_str("host", self.host)
+        _check_version(self.qemu_version)
+        _check_str("package", self.package, optional=True)
+        _check_str("machine", self.machine, optional=True)
+        _check_items("nics", self.nics)
+        for nic in self.nics:
+            if not isinstance(nic, NicReport):
+                raise TypeError("nics must be NicReport objects")
+        keys = [n.key for n in self.nics]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"two NICs share an id or QOM path: {sorted(keys)}")
+        _check_items("unreadable", self.unreadable)
+        for note in self.unreadable:
+            _check_str("unreadable note", note)
+
+    def nic(self, key: str) -> NicReport | None:
+        for nic in self.nics:
+            if nic.key == key or nic.qom_path == key:
+                return nic
+        return None
+
+
+def _check_version(version: tuple[int, int, int] | None) -> None:
+    if version is None:
+        return
+    if not (isinstance(version, tuple) and len(version) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 16 for v in version)):
+        raise ValueError(f"qemu_version must be (major, minor, micro) of small ints: {version!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostCapabilities:
+    host: str
+    qemu_version: tuple[int, int, int] | None
+    package: str | None
+    machine: str | None
+    offers: tuple[tuple[str, int], ...] = field(default=())  # (backend kind, offered bitmap), sorted
+
+    def __post_init__(self) -> None:
+        _check_str("host", self.host)
+        _check_version(self.qemu_version)
+        _check_str("package", self.package, optional=True)
+        _check_str("machine", self.machine, optional=True)
+        _check_items("offers", self.offers)
+        kinds = [k for k, _ in self.offers]
+        if kinds != sorted(set(kinds)):
+            raise ValueError("offers must be sorted by backend kind without duplicates")
+        for kind, bitmap in self.offers:
+            _check_str("backend kind", kind)
+            _check_bitmap(f"offers[{kind}]", bitmap)
+
+    def offer(self, backend: str) -> int | None:
+        return dict(self.offers).get(backend)
+
