@@ -15,7 +15,6 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-
 __all__ = [
     "MAX_BITMAP_BITS",
     "MAX_ITEMS",

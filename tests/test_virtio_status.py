@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,7 @@ def test_qemu_10_2_block_with_bits_above_63() -> None:
 
 @pytest.mark.parametrize("label", ["VIRTIO_NET_F_WARP_DRIVE: Device can fold space", "no colon here", ": empty"])
 def test_a_label_that_cannot_be_mapped_is_an_error_naming_it(label: str) -> None:
-    with pytest.raises(ReplyError, match="WARP_DRIVE|no colon here|: empty"):
+    with pytest.raises(ReplyError, match=re.escape(repr(label))):
         parse_feature_block({"dev-features": [label], "transports": []})
 
 
