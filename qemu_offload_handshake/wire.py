@@ -53,7 +53,7 @@ class _BoundedVarInt(cs.Construct):  # type: ignore[misc]
     def _parse(self, stream: Any, context: Any, path: str) -> int:
         value = 0
         for index in range(self.max_bytes):
-            byte = cs.stream_read(stream, 1, path)[0]
+            byte: int = cs.stream_read(stream, 1, path)[0]
             value |= (byte & 0x7F) << (7 * index)
             if not byte & 0x80:
                 if value > self.limit or (byte == 0 and index > 0):
@@ -217,7 +217,7 @@ def encode(record: Record, *, key: bytes | None = None) -> bytes:
     flags = FLAG_HMAC if key else 0
     head = _Header.build({"magic": MAGIC, "major": FORMAT_MAJOR, "minor": FORMAT_MINOR, "type": rtype,
                           "flags": flags, "length": len(body)})
-    out = head + body
+    out: bytes = head + body
     out += zlib.crc32(out).to_bytes(CRC_SIZE, "big")
     if key:
         out += hmac.new(key, out, hashlib.sha256).digest()

@@ -107,6 +107,7 @@ def test_contradictions_are_errors_not_merges() -> None:
     overlap = {"dev-features": ["VIRTIO_NET_F_CSUM: a"], "unknown-dev-features": 1}
     with pytest.raises(ReplyError, match="repeats"):
         parse_feature_block(overlap)
+    bad: object
     for bad in ({"unknown-dev-features": -1}, {"unknown-dev-features": True}, {"unknown-dev-features": 1 << 64},
                 {"transports": "VIRTIO_F_VERSION_1: x"}, [], {"dev-features": [7]}):
         with pytest.raises(ReplyError):
