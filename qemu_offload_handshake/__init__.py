@@ -14,18 +14,27 @@ from .errors import (
     UnsupportedVersionError,
     UsageError,
 )
+from .model import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
+from .wire import decode, encode
 
 __all__ = [
     "AuthenticationError",
+    "CapabilitySet",
     "CommandError",
     "CommandNotAllowedError",
     "ConnectError",
     "DecodeError",
     "EncodeError",
     "HandshakeError",
+    "HostCapabilities",
+    "NicReport",
     "ProbeError",
     "QMPTimeoutError",
     "ReplyError",
+    "Tri",
     "UnsupportedVersionError",
     "UsageError",
+    "VmReport",
+    "decode",
+    "encode",
 ]

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "MAX_BITMAP_BITS",
+    "MAX_HOSTS",
     "MAX_ITEMS",
     "MAX_STRING_BYTES",
+    "CapabilitySet",
     "HostCapabilities",
     "NicReport",
     "Tri",
@@ -29,6 +31,7 @@ __all__ = [
 MAX_BITMAP_BITS = 512  # well above QEMU's VIRTIO_FEATURES_MAX of 128, bounded so hostile input stays small
 MAX_STRING_BYTES = 1024
 MAX_ITEMS = 256  # NICs per VM, properties per NIC, backends per host, notes per record
+MAX_HOSTS = 20_000  # hosts in one capability set
 
 
 class Tri(enum.IntEnum):
@@ -59,12 +62,14 @@ def _check_str(name: str, value: str | None, *, optional: bool = False) -> None:
         raise ValueError(f"{name} is required")
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, not {type(value).__name__}")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES:
-        raise ValueError(f"{name} is longer than {MAX_STRING_BYTES} bytes")
+    if value.isascii() and len(value) <= MAX_STRING_BYTES:
+        return
     try:
-        value.encode("utf-8")
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as err:
         raise ValueError(f"{name} is not valid Unicode text: {err}") from None
+    if size > MAX_STRING_BYTES:
+        raise ValueError(f"{name} is longer than {MAX_STRING_BYTES} bytes")
 
 
 def _check_bitmap(name: str, value: int | None) -> None:
@@ -217,3 +222,19 @@ class HostCapabilities:
     def offer(self, backend: str) -> int | None:
         return dict(self.offers).get(backend)
 
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilitySet:
+    """The capability records of many hosts (a cluster's dumps), travelling as one compact record."""
+
+    hosts: tuple[HostCapabilities, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.hosts, tuple):
+            raise TypeError("hosts must be a tuple")
+        if len(self.hosts) > MAX_HOSTS:
+            raise ValueError(f"a capability set holds at most {MAX_HOSTS} hosts")
+        for host in self.hosts:
+            if not isinstance(host, HostCapabilities):
+                raise TypeError("hosts must be HostCapabilities objects")

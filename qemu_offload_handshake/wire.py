@@ -1,24 +1,43 @@
 """The versioned binary wire format for reports, built with construct. Layout: ``docs/wire-format.md``.
 
-``encode(record, key=None) -> bytes`` and ``decode(data, key=None) -> record``. Decoding never raises anything
-but ``DecodeError`` (or its subclasses ``UnsupportedVersionError`` and ``AuthenticationError``), never reads
-past the input, and bounds every length and count before it allocates, so memory stays proportional to the
-input. No construct ``Check``/``assert`` is relied on (they vanish under ``python -O``): every check is an
-explicit ``if ...: raise``, in Python or in the two small constructs below.
+``encode(record, key=None) -> bytes`` and ``decode(data, key=None) -> record``. Decoding raises nothing but
+``DecodeError`` (or its subclasses ``UnsupportedVersionError`` and ``AuthenticationError``), never reads past
+the input, and bounds every length and count before it allocates, so memory stays proportional to the input.
+
+Speed and safety with construct: the record layouts are construct ``Struct``s, compiled with
+``Construct.compile()`` for speed. Construct's compiled code reads with bare ``io.read(n)`` and does not check
+short reads, and some of its checks are ``assert``s that vanish under ``python -O``; its documentation says not
+to feed compiled parsers untrusted data. So every leaf of these layouts is one of the ``_Leaf`` classes below:
+they read through ``_read_exact`` and check every limit with ``if ...: raise`` in plain Python, and the
+compiled code calls them for both parsing and building. Only construct's structure (``Struct``, ``If``,
+``PrefixedArray``) is compiled. When the compiled parser refuses input, the interpreted one (same leaves, same
+checks) parses it again to name the failing field in the error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import construct as cs
 
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
 from .features import BY_BIT, BY_PROPERTY
-from .model import MAX_BITMAP_BITS, MAX_ITEMS, MAX_STRING_BYTES, HostCapabilities, NicReport, Tri, VmReport
+from .model import (
+    MAX_BITMAP_BITS,
+    MAX_HOSTS,
+    MAX_ITEMS,
+    MAX_STRING_BYTES,
+    CapabilitySet,
+    HostCapabilities,
+    NicReport,
+    Tri,
+    VmReport,
+)
 
 __all__ = [
     "FORMAT_MAJOR",
@@ -35,83 +54,209 @@ FORMAT_MAJOR = 1
 FORMAT_MINOR = 0
 MAX_RECORD_BYTES = 1 << 20
 FLAG_HMAC = 0x01
-TYPE_VM, TYPE_HOST = 1, 2
+TYPE_VM, TYPE_HOST, TYPE_SET = 1, 2, 3
 HEADER_SIZE, CRC_SIZE, MAC_SIZE = 12, 4, 32
 MAX_BITMAP_BYTES = MAX_BITMAP_BITS // 8
+MAX_TABLE = 4096
 
-Record = VmReport | HostCapabilities
+Record = VmReport | HostCapabilities | CapabilitySet
 
 
-class _BoundedVarInt(cs.Construct):  # type: ignore[misc]
-    """LEB128 unsigned varint of at most ``limit``; longer or larger encodings are refused."""
+# ------------------------------------------------------------------------------------------------ leaves
+
+def _read_exact(stream: Any, n: int) -> bytes:
+    data: bytes = stream.read(n)
+    if len(data) != n:
+        raise cs.StreamError(f"truncated: needed {n} bytes, {len(data)} left")
+    return data
+
+
+class _Leaf(cs.Construct):  # type: ignore[misc]
+    """A leaf with explicit checks; the compiled parser and builder call ``read``/``write`` directly."""
+
+    def read(self, stream: Any) -> Any:
+        raise NotImplementedError
+
+    def write(self, obj: Any, stream: Any) -> Any:
+        raise NotImplementedError
+
+    def _parse(self, stream: Any, context: Any, path: str) -> Any:
+        try:
+            return self.read(stream)
+        except cs.ConstructError as err:
+            raise type(err)(str(err), path=path) from None
+
+    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
+        try:
+            return self.write(obj, stream)
+        except cs.ConstructError as err:
+            raise type(err)(str(err), path=path) from None
+
+    def _emitparse(self, code: Any) -> str:
+        code.linkedinstances[id(self)] = self
+        return f"linkedinstances[{id(self)}].read(io)"
+
+    def _emitbuild(self, code: Any) -> str:
+        code.linkedinstances[id(self)] = self
+        return f"linkedinstances[{id(self)}].write(obj, io)"
+
+    def _sizeof(self, context: Any, path: str) -> int:
+        raise cs.SizeofError("variable size", path=path)
+
+
+class _VarInt(_Leaf):
+    """Unsigned LEB128 of at most ``limit``, minimal encoding only."""
 
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
         self.max_bytes = max(1, (limit.bit_length() + 6) // 7)
 
-    def _parse(self, stream: Any, context: Any, path: str) -> int:
+    def read(self, stream: Any) -> int:
+        first: bytes = stream.read(1)
+        if first and first[0] < 0x80:  # the common one-byte case
+            if first[0] > self.limit:
+                raise cs.ValidationError(f"value {first[0]} over its limit {self.limit}")
+            return first[0]
+        if first:
+            stream.seek(-1, io.SEEK_CUR)
         value = 0
         for index in range(self.max_bytes):
-            byte: int = cs.stream_read(stream, 1, path)[0]
+            byte = _read_exact(stream, 1)[0]
             value |= (byte & 0x7F) << (7 * index)
             if not byte & 0x80:
-                if value > self.limit or (byte == 0 and index > 0):
-                    raise cs.ValidationError(f"varint {value} over its limit {self.limit} or not minimal", path=path)
+                if value > self.limit:
+                    raise cs.ValidationError(f"value {value} over its limit {self.limit}")
+                if byte == 0 and index > 0:
+                    raise cs.ValidationError("varint not minimal")
                 return value
-        raise cs.ValidationError(f"varint longer than {self.max_bytes} bytes", path=path)
+        raise cs.ValidationError(f"varint longer than {self.max_bytes} bytes")
 
-    def _build(self, obj: int, stream: Any, context: Any, path: str) -> int:
-        if not isinstance(obj, int) or not 0 <= obj <= self.limit:
-            raise cs.ValidationError(f"varint {obj!r} out of range 0..{self.limit}", path=path)
+    def write(self, obj: int, stream: Any) -> int:
+        if isinstance(obj, bool) or not isinstance(obj, int) or not 0 <= obj <= self.limit:
+            raise cs.ValidationError(f"value {obj!r} out of range 0..{self.limit}")
         out = bytearray()
         value = obj
         while True:
-            low = value & 0x7F
-            value >>= 7
+            low, value = value & 0x7F, value >> 7
             out.append(low | (0x80 if value else 0))
             if not value:
                 break
-        cs.stream_write(stream, bytes(out), len(out), path)
+        stream.write(out)
         return obj
 
-    def _sizeof(self, context: Any, path: str) -> int:
-        raise cs.SizeofError("varint has no fixed size", path=path)
+
+class _Uint(_Leaf):
+    """Fixed-size big-endian unsigned integer."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def read(self, stream: Any) -> int:
+        return int.from_bytes(_read_exact(stream, self.size), "big")
+
+    def write(self, obj: int, stream: Any) -> int:
+        if isinstance(obj, bool) or not isinstance(obj, int) or not 0 <= obj < 1 << (8 * self.size):
+            raise cs.ValidationError(f"value {obj!r} does not fit {self.size} bytes")
+        stream.write(obj.to_bytes(self.size, "big"))
+        return obj
 
 
-class _Text(cs.Adapter):  # type: ignore[misc]
-    """UTF-8 text; invalid UTF-8 is a parse error, not a replacement character."""
+class _Blob(_Leaf):
+    """Varint length (at most ``limit``), then that many bytes."""
 
-    def _decode(self, obj: bytes, context: Any, path: str) -> str:
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.length = _VarInt(limit)
+
+    def read(self, stream: Any) -> bytes:
+        return _read_exact(stream, self.length.read(stream))
+
+    def write(self, obj: bytes, stream: Any) -> bytes:
+        self.length.write(len(obj), stream)
+        stream.write(obj)
+        return obj
+
+
+class _Text(_Leaf):
+    """UTF-8 text of at most ``limit`` bytes; invalid UTF-8 is an error, not a replacement character."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.blob = _Blob(limit)
+
+    def read(self, stream: Any) -> str:
+        raw = self.blob.read(stream)
         try:
-            return obj.decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise cs.ValidationError(f"invalid UTF-8 at byte {err.start}", path=path) from None
+            raise cs.ValidationError(f"invalid UTF-8 at byte {err.start}") from None
 
-    def _encode(self, obj: str, context: Any, path: str) -> bytes:
-        return obj.encode("utf-8")
-
-
-class _Bitmap(cs.Adapter):  # type: ignore[misc]
-    """A bitmap of any width: little-endian bytes, minimal (no trailing zero byte)."""
-
-    def _decode(self, obj: bytes, context: Any, path: str) -> int:
-        if obj and obj[-1] == 0:
-            raise cs.ValidationError("bitmap has a trailing zero byte (not minimal)", path=path)
-        return int.from_bytes(obj, "little")
-
-    def _encode(self, obj: int, context: Any, path: str) -> bytes:
-        return obj.to_bytes((obj.bit_length() + 7) // 8, "little")
+    def write(self, obj: str, stream: Any) -> str:
+        self.blob.write(obj.encode("utf-8"), stream)
+        return obj
 
 
-_Count = _BoundedVarInt(MAX_ITEMS)
-_Str = _Text(cs.Prefixed(_BoundedVarInt(MAX_STRING_BYTES), cs.GreedyBytes))
-_Bits = _Bitmap(cs.Prefixed(_BoundedVarInt(MAX_BITMAP_BYTES), cs.GreedyBytes))
-_Extensions = cs.PrefixedArray(_Count, cs.Struct(
-    "tag" / _BoundedVarInt(0xFFFF),
-    "data" / cs.Prefixed(_BoundedVarInt(MAX_RECORD_BYTES), cs.GreedyBytes),
-))
-_Version = cs.Struct("major" / cs.Int16ub, "minor" / cs.Int16ub, "micro" / cs.Int16ub)
+class _Bitmap(_Leaf):
+    """A bitmap of any width up to ``limit`` bytes: little-endian, minimal (no trailing zero byte)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.blob = _Blob(limit)
+
+    def read(self, stream: Any) -> int:
+        raw = self.blob.read(stream)
+        if raw and raw[-1] == 0:
+            raise cs.ValidationError("bitmap has a trailing zero byte (not minimal)")
+        return int.from_bytes(raw, "little")
+
+    def write(self, obj: int, stream: Any) -> int:
+        self.blob.write(obj.to_bytes((obj.bit_length() + 7) // 8, "little"), stream)
+        return obj
+
+
+class _Sized(cs.Subconstruct):  # type: ignore[misc]
+    """Varint byte length, then ``subcon`` parsed from exactly those bytes (later bytes in it are skipped)."""
+
+    def __init__(self, subcon: Any) -> None:
+        super().__init__(subcon)
+        self.length = _VarInt(MAX_RECORD_BYTES)
+
+    def nested(self, stream: Any, parse: Callable[[Any], Any]) -> Any:
+        return parse(io.BytesIO(_read_exact(stream, self.length.read(stream))))
+
+    def nested_build(self, obj: Any, stream: Any, build: Callable[[Any, Any], Any]) -> Any:
+        inner = io.BytesIO()
+        build(obj, inner)
+        data = inner.getvalue()
+        self.length.write(len(data), stream)
+        stream.write(data)
+        return obj
+
+    def _parse(self, stream: Any, context: Any, path: str) -> Any:
+        return self.nested(stream, lambda sub: self.subcon._parsereport(sub, context, path))
+
+    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
+        return self.nested_build(obj, stream, lambda o, sub: self.subcon._build(o, sub, context, path))
+
+    def _emitparse(self, code: Any) -> str:
+        code.linkedinstances[id(self)] = self
+        return f"linkedinstances[{id(self)}].nested(io, lambda io: ({self.subcon._compileparse(code)}))"
+
+    def _emitbuild(self, code: Any) -> str:
+        code.linkedinstances[id(self)] = self
+        return (f"linkedinstances[{id(self)}].nested_build(obj, io, "
+                f"lambda obj, io: ({self.subcon._compilebuild(code)}))")
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+_Count = _VarInt(MAX_ITEMS)
+_Str = _Text(MAX_STRING_BYTES)
+_Bits = _Bitmap(MAX_BITMAP_BYTES)
+_U8 = _Uint(1)
+_Extensions = cs.PrefixedArray(_Count, cs.Struct("tag" / _VarInt(0xFFFF), "data" / _Blob(MAX_RECORD_BYTES)))
 
 # Presence bits of optional fields (an absent field is None in the model).
 NIC_NETDEV, NIC_BACKEND, NIC_OFFERED, NIC_NEGOTIATED, NIC_STATUS, NIC_BACKEND_FEATURES, NIC_VNET_HDR = (
@@ -119,24 +264,25 @@ NIC_NETDEV, NIC_BACKEND, NIC_OFFERED, NIC_NEGOTIATED, NIC_STATUS, NIC_BACKEND_FE
 VM_VERSION, VM_PACKAGE, VM_MACHINE = 1, 2, 4
 
 _Nic = cs.Struct(
-    "present" / _BoundedVarInt(0x7F),
+    "present" / _VarInt(0x7F),
     "qdev_id" / _Str,
     "qom_path" / _Str,
     "netdev_id" / cs.If(cs.this.present & NIC_NETDEV, _Str),
     "backend" / cs.If(cs.this.present & NIC_BACKEND, _Str),
     "offered" / cs.If(cs.this.present & NIC_OFFERED, _Bits),
     "negotiated" / cs.If(cs.this.present & NIC_NEGOTIATED, _Bits),
-    "driver_status" / cs.If(cs.this.present & NIC_STATUS, cs.Int8ub),
+    "driver_status" / cs.If(cs.this.present & NIC_STATUS, _U8),
     "backend_features" / cs.If(cs.this.present & NIC_BACKEND_FEATURES, _Bits),
-    "vnet_hdr" / cs.If(cs.this.present & NIC_VNET_HDR, cs.Int8ub),
+    "vnet_hdr" / cs.If(cs.this.present & NIC_VNET_HDR, _U8),
     "tri_lo" / _Bits,  # declared catalogue properties, 2 bits each, indexed by feature bit
     "tri_hi" / _Bits,
-    "other_props" / cs.PrefixedArray(_Count, cs.Struct("name" / _Str, "tri" / cs.Int8ub)),
+    "other_props" / cs.PrefixedArray(_Count, cs.Struct("name" / _Str, "tri" / _U8)),
     "unreadable" / cs.PrefixedArray(_Count, _Str),
     "ext" / _Extensions,
 )
-_Head = cs.Struct(  # common start of both record bodies
-    "present" / _BoundedVarInt(0x7),
+_Version = cs.Struct("major" / _Uint(2), "minor" / _Uint(2), "micro" / _Uint(2))
+_Head = cs.Struct(  # common start of the VM and host bodies
+    "present" / _VarInt(0x7),
     "host" / _Str,
     "version" / cs.If(cs.this.present & VM_VERSION, _Version),
     "package" / cs.If(cs.this.present & VM_PACKAGE, _Str),
@@ -144,7 +290,7 @@ _Head = cs.Struct(  # common start of both record bodies
 )
 _VmBody = cs.Struct(
     "head" / _Head,
-    "nics" / cs.PrefixedArray(_Count, cs.Prefixed(_BoundedVarInt(MAX_RECORD_BYTES), _Nic)),
+    "nics" / cs.PrefixedArray(_Count, _Sized(_Nic)),
     "unreadable" / cs.PrefixedArray(_Count, _Str),
     "ext" / _Extensions,
 )
@@ -153,18 +299,36 @@ _HostBody = cs.Struct(
     "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Str, "bitmap" / _Bits)),
     "ext" / _Extensions,
 )
-_Header = cs.Struct(
-    "magic" / cs.Bytes(4),
-    "major" / cs.Int8ub,
-    "minor" / cs.Int8ub,
-    "type" / cs.Int8ub,
-    "flags" / cs.Int8ub,
-    "length" / cs.Int32ub,
+_Index = _VarInt(MAX_TABLE - 1)
+_SetBody = cs.Struct(  # many hosts: repeated strings in a table, bitmaps XOR a per-backend reference
+    "strings" / cs.PrefixedArray(_VarInt(MAX_TABLE), _Str),
+    "versions" / cs.PrefixedArray(_VarInt(MAX_TABLE), _Version),
+    "refs" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Index, "bitmap" / _Bits)),
+    "hosts" / cs.PrefixedArray(_VarInt(MAX_HOSTS), cs.Struct(
+        "present" / _VarInt(0x7),
+        "host" / _Str,
+        "version" / cs.If(cs.this.present & VM_VERSION, _Index),
+        "package" / cs.If(cs.this.present & VM_PACKAGE, _Index),
+        "machine" / cs.If(cs.this.present & VM_MACHINE, _Index),
+        "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Index, "xor" / _Bits)),
+    )),
+    "ext" / _Extensions,
 )
-_BODIES = {TYPE_VM: _VmBody, TYPE_HOST: _HostBody}
+_Header = cs.Struct(
+    "magic" / _Uint(4),
+    "major" / _U8,
+    "minor" / _U8,
+    "type" / _U8,
+    "flags" / _U8,
+    "length" / _Uint(4),
+)
+_BODIES = {TYPE_VM: _VmBody, TYPE_HOST: _HostBody, TYPE_SET: _SetBody}
+_COMPILED = {rtype: body.compile() for rtype, body in _BODIES.items()}
+_MAGIC_INT = int.from_bytes(MAGIC, "big")
+_HEADER = _Header.compile()
 
 
-# ---------------------------------------------------------------------------------------------------- encode
+# ------------------------------------------------------------------------------------------------ encode
 
 def _head(record: VmReport | HostCapabilities) -> dict[str, Any]:
     present = ((VM_VERSION if record.qemu_version else 0) | (VM_PACKAGE if record.package is not None else 0)
@@ -174,11 +338,16 @@ def _head(record: VmReport | HostCapabilities) -> dict[str, Any]:
             "machine": record.machine}
 
 
+_NIC_OPTIONAL = (("netdev_id", NIC_NETDEV), ("backend", NIC_BACKEND), ("offered", NIC_OFFERED),
+                 ("negotiated", NIC_NEGOTIATED), ("driver_status", NIC_STATUS),
+                 ("backend_features", NIC_BACKEND_FEATURES), ("vnet_hdr", NIC_VNET_HDR))
+
+
 def _nic_obj(nic: NicReport) -> dict[str, Any]:
-    optional = (("netdev_id", NIC_NETDEV), ("backend", NIC_BACKEND), ("offered", NIC_OFFERED),
-                ("negotiated", NIC_NEGOTIATED), ("driver_status", NIC_STATUS),
-                ("backend_features", NIC_BACKEND_FEATURES), ("vnet_hdr", NIC_VNET_HDR))
-    present = sum(flag for name, flag in optional if getattr(nic, name) is not None)
+    obj = {name: getattr(nic, name) for name, _ in _NIC_OPTIONAL}
+    present = sum(flag for name, flag in _NIC_OPTIONAL if obj[name] is not None)
+    if nic.vnet_hdr is not None:
+        obj["vnet_hdr"] = int(nic.vnet_hdr)
     lo = hi = 0
     other = []
     for prop, tri in nic.properties:
@@ -188,48 +357,78 @@ def _nic_obj(nic: NicReport) -> dict[str, Any]:
         else:
             lo |= (tri & 1) << feature.bit
             hi |= (tri >> 1) << feature.bit
-    obj = {name: getattr(nic, name) for name, _ in optional}
-    if nic.vnet_hdr is not None:
-        obj["vnet_hdr"] = int(nic.vnet_hdr)
     return obj | {"present": present, "qdev_id": nic.qdev_id, "qom_path": nic.qom_path, "tri_lo": lo,
-                  "tri_hi": hi, "other_props": other, "unreadable": list(nic.unreadable), "ext": []}
+                  "tri_hi": hi, "other_props": other, "unreadable": nic.unreadable, "ext": ()}
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.items: dict[Any, int] = {}
+
+    def index(self, item: Any) -> int:
+        return self.items.setdefault(item, len(self.items))
+
+
+def _set_obj(record: CapabilitySet) -> dict[str, Any]:
+    strings, versions = _Table(), _Table()
+    refs: dict[str, int] = {}
+    hosts = []
+    for host in record.hosts:
+        head = _head(host)
+        offers = []
+        for kind, bitmap in host.offers:
+            ref = refs.setdefault(kind, bitmap)
+            offers.append({"backend": strings.index(kind), "xor": bitmap ^ ref})
+        hosts.append({
+            "present": head["present"], "host": host.host, "offers": offers,
+            "version": versions.index(host.qemu_version) if host.qemu_version else None,
+            "package": strings.index(host.package) if host.package is not None else None,
+            "machine": strings.index(host.machine) if host.machine is not None else None})
+    return {"strings": list(strings.items), "hosts": hosts, "ext": (),
+            "versions": [dict(zip(("major", "minor", "micro"), v, strict=True)) for v in versions.items],
+            "refs": [{"backend": strings.index(k), "bitmap": b} for k, b in refs.items()]}
 
 
 def encode(record: Record, *, key: bytes | None = None) -> bytes:
-    """The wire bytes of a ``VmReport`` or ``HostCapabilities``; signed with HMAC-SHA256 when ``key`` is given."""
+    """The wire bytes of a record; signed with HMAC-SHA256 when ``key`` is given."""
+    if isinstance(record, VmReport):
+        rtype, obj = TYPE_VM, {"head": _head(record), "nics": [_nic_obj(n) for n in record.nics],
+                               "unreadable": record.unreadable, "ext": ()}
+    elif isinstance(record, HostCapabilities):
+        rtype, obj = TYPE_HOST, {"head": _head(record), "ext": (),
+                                 "offers": [{"backend": k, "bitmap": b} for k, b in record.offers]}
+    elif isinstance(record, CapabilitySet):
+        rtype, obj = TYPE_SET, _set_obj(record)
+    else:
+        raise EncodeError(f"cannot encode {type(record).__name__}: expected a VmReport, HostCapabilities or "
+                          "CapabilitySet")
+    if key is not None and not key:
+        raise EncodeError("an empty HMAC key signs nothing")
     try:
-        if isinstance(record, VmReport):
-            rtype, body = TYPE_VM, _VmBody.build({
-                "head": _head(record), "nics": [_nic_obj(n) for n in record.nics],
-                "unreadable": list(record.unreadable), "ext": []})
-        elif isinstance(record, HostCapabilities):
-            rtype, body = TYPE_HOST, _HostBody.build({
-                "head": _head(record), "offers": [{"backend": k, "bitmap": b} for k, b in record.offers],
-                "ext": []})
-        else:
-            raise EncodeError(f"cannot encode {type(record).__name__}: expected VmReport or HostCapabilities")
+        body: bytes = _COMPILED[rtype].build(obj)
     except cs.ConstructError as err:
         raise EncodeError(f"record out of the format's bounds: {err}") from err
     if len(body) > MAX_RECORD_BYTES:
         raise EncodeError(f"record body of {len(body)} bytes exceeds {MAX_RECORD_BYTES}")
-    if key is not None and not key:
-        raise EncodeError("an empty HMAC key signs nothing")
-    flags = FLAG_HMAC if key else 0
-    head = _Header.build({"magic": MAGIC, "major": FORMAT_MAJOR, "minor": FORMAT_MINOR, "type": rtype,
-                          "flags": flags, "length": len(body)})
-    out: bytes = head + body
+    head = (MAGIC + bytes((FORMAT_MAJOR, FORMAT_MINOR, rtype, FLAG_HMAC if key else 0))
+            + len(body).to_bytes(4, "big"))
+    out = head + body
     out += zlib.crc32(out).to_bytes(CRC_SIZE, "big")
     if key:
         out += hmac.new(key, out, hashlib.sha256).digest()
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- decode
+# ------------------------------------------------------------------------------------------------ decode
+
+_TRIS = (None, Tri.OFF, Tri.ON, Tri.AUTO)
+
 
 def _tri(value: int, where: str) -> Tri:
-    if value not in (1, 2, 3):
+    tri = _TRIS[value] if value < 4 else None
+    if tri is None:
         raise DecodeError(f"invalid tri-state {value}", field=where)
-    return Tri(value)
+    return tri
 
 
 def _nic_from(obj: Any, index: int) -> NicReport:
@@ -237,29 +436,71 @@ def _nic_from(obj: Any, index: int) -> NicReport:
     props: dict[str, Tri] = {}
     lo, hi = obj.tri_lo, obj.tri_hi
     both = lo | hi
-    bit = 0
-    while both >> bit:
-        if both >> bit & 1:
-            feature = BY_BIT.get(bit)
-            if feature is None or feature.prop is None:
-                raise DecodeError(f"tri-state for bit {bit}, which has no property", field=f"{where}.tri")
-            props[feature.prop] = _tri((lo >> bit & 1) | (hi >> bit & 1) << 1, f"{where}.tri")
-        bit += 1
+    while both:
+        bit = (both & -both).bit_length() - 1
+        both &= both - 1
+        feature = BY_BIT.get(bit)
+        if feature is None or feature.prop is None:
+            raise DecodeError(f"tri-state for bit {bit}, which has no property", field=f"{where}.tri")
+        props[feature.prop] = _tri((lo >> bit & 1) | (hi >> bit & 1) << 1, f"{where}.tri")
     for entry in obj.other_props:
         if entry.name in props or entry.name in BY_PROPERTY:
             raise DecodeError(f"property {entry.name!r} given twice", field=f"{where}.other_props")
         props[entry.name] = _tri(entry.tri, f"{where}.other_props")
     if obj.vnet_hdr is not None and obj.vnet_hdr > 1:
         raise DecodeError(f"vnet_hdr must be 0 or 1, not {obj.vnet_hdr}", field=f"{where}.vnet_hdr")
-    return NicReport.make(
-        obj.qdev_id, obj.qom_path, properties=props, unreadable=obj.unreadable, netdev_id=obj.netdev_id,
-        backend=obj.backend, offered=obj.offered, negotiated=obj.negotiated, driver_status=obj.driver_status,
-        backend_features=obj.backend_features, vnet_hdr=None if obj.vnet_hdr is None else bool(obj.vnet_hdr))
+    return NicReport(
+        obj.qdev_id, obj.qom_path, netdev_id=obj.netdev_id, backend=obj.backend,
+        properties=tuple(sorted(props.items())), offered=obj.offered, negotiated=obj.negotiated,
+        driver_status=obj.driver_status, backend_features=obj.backend_features,
+        vnet_hdr=None if obj.vnet_hdr is None else bool(obj.vnet_hdr), unreadable=tuple(obj.unreadable))
 
 
-def _version(head: Any) -> tuple[int, int, int] | None:
-    v = head.version
+def _version(v: Any) -> tuple[int, int, int] | None:
     return None if v is None else (v.major, v.minor, v.micro)
+
+
+def _pick(table: list[Any], index: int | None, what: str) -> Any:
+    if index is None:
+        return None
+    if index >= len(table):
+        raise DecodeError(f"{what} index {index} outside its table of {len(table)}", field=what)
+    return table[index]
+
+
+def _set_from(parsed: Any) -> CapabilitySet:
+    strings, versions = list(parsed.strings), [_version(v) for v in parsed.versions]
+    refs: dict[str, int] = {}
+    for ref in parsed.refs:
+        kind = _pick(strings, ref.backend, "refs.backend")
+        if kind in refs:
+            raise DecodeError(f"reference for backend {kind!r} given twice", field="refs")
+        refs[kind] = ref.bitmap
+    hosts = []
+    for entry in parsed.hosts:
+        offers = []
+        for offer in entry.offers:
+            kind = _pick(strings, offer.backend, "hosts.offers.backend")
+            if kind not in refs:
+                raise DecodeError(f"no reference bitmap for backend {kind!r}", field="hosts.offers")
+            offers.append((kind, offer.xor ^ refs[kind]))
+        hosts.append(HostCapabilities(
+            entry.host, _pick(versions, entry.version, "hosts.version"), _pick(strings, entry.package, "hosts.package"),
+            _pick(strings, entry.machine, "hosts.machine"), tuple(offers)))
+    return CapabilitySet(tuple(hosts))
+
+
+def _parse_body(rtype: int, body: bytes) -> Any:
+    try:
+        return _COMPILED[rtype].parse(body)
+    except Exception as fast_err:
+        try:
+            _BODIES[rtype].parse(body)
+        except cs.ConstructError as err:
+            path = (getattr(err, "path", None) or "").replace("(parsing) -> ", "").replace(" -> ", ".")
+            raise DecodeError(f"malformed body: {str(err).splitlines()[-1]}", offset=HEADER_SIZE,
+                              field=path or None) from err
+        raise DecodeError(f"malformed body: {fast_err}", offset=HEADER_SIZE) from fast_err
 
 
 def decode(data: bytes, *, key: bytes | None = None) -> Record:
@@ -269,9 +510,9 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
     data = bytes(data)
     if len(data) < HEADER_SIZE:
         raise DecodeError(f"truncated: {len(data)} bytes, a header alone is {HEADER_SIZE}", offset=len(data))
-    header = _Header.parse(data[:HEADER_SIZE])
-    if header.magic != MAGIC:
-        raise DecodeError(f"not a qemu-offload-handshake record (magic {header.magic!r})", offset=0, field="magic")
+    header = _HEADER.parse(data[:HEADER_SIZE])
+    if header.magic != _MAGIC_INT:
+        raise DecodeError(f"not a qemu-offload-handshake record (magic {data[:4]!r})", offset=0, field="magic")
     if header.major != FORMAT_MAJOR:
         raise UnsupportedVersionError(
             f"unsupported version {header.major}.{header.minor}: this reader knows major version {FORMAT_MAJOR}",
@@ -295,24 +536,20 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
         expected = hmac.new(key, data[:end], hashlib.sha256).digest()
         if not hmac.compare_digest(expected, data[end:]):
             raise AuthenticationError("HMAC mismatch: wrong key or tampered record", offset=end, field="hmac")
-    crc = int.from_bytes(data[end - CRC_SIZE:end], "big")
-    if zlib.crc32(data[:end - CRC_SIZE]) != crc:
+    if zlib.crc32(data[:end - CRC_SIZE]) != int.from_bytes(data[end - CRC_SIZE:end], "big"):
         raise DecodeError("checksum mismatch: the record is corrupt", offset=end - CRC_SIZE, field="crc32")
-    body = data[HEADER_SIZE:end - CRC_SIZE]
+    parsed = _parse_body(header.type, data[HEADER_SIZE:end - CRC_SIZE])
     try:
-        parsed = _BODIES[header.type].parse(body)
-    except cs.ConstructError as err:
-        path = getattr(err, "path", None) or ""
-        raise DecodeError(f"malformed body: {str(err).splitlines()[0]}", offset=HEADER_SIZE,
-                          field=path.replace("(parsing) -> ", "") or None) from err
-    try:
+        if header.type == TYPE_SET:
+            return _set_from(parsed)
         head = parsed.head
+        version = _version(head.version)
         if header.type == TYPE_VM:
-            return VmReport(head.host, _version(head), head.package, head.machine,
+            return VmReport(head.host, version, head.package, head.machine,
                             tuple(_nic_from(n, i) for i, n in enumerate(parsed.nics)), tuple(parsed.unreadable))
         offers = tuple(sorted((o.backend, o.bitmap) for o in parsed.offers))
         if len({k for k, _ in offers}) != len(offers):
             raise DecodeError("a backend kind is listed twice", field="offers")
-        return HostCapabilities(head.host, _version(head), head.package, head.machine, offers)
+        return HostCapabilities(head.host, version, head.package, head.machine, offers)
     except (ValueError, TypeError) as err:  # the model refused a value: name it
         raise DecodeError(f"invalid record: {err}", offset=HEADER_SIZE) from err

@@ -126,7 +126,9 @@ fi
 # --- 7. the virtualenv ----------------------------------------------------------------------------------
 VENV=$ROOT/.venv
 stamp=$VENV/.qoh-installed
-if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+installed_at() { (cd / && "$VENV/bin/python" -c 'import qemu_offload_handshake as q; print(q.__file__)' 2>/dev/null) || true; }
+if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] \
+   || [ "$(installed_at)" != "$ROOT/qemu_offload_handshake/__init__.py" ]; then
   log "creating $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true

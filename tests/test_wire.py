@@ -1,0 +1,203 @@
+"""The wire format: hand-written golden vectors, round trips, compatibility both ways, hostile input."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import subprocess
+import sys
+import tracemalloc
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qemu_offload_handshake import AuthenticationError, DecodeError, UnsupportedVersionError, decode, encode
+from qemu_offload_handshake.features import BY_PROPERTY
+from qemu_offload_handshake.model import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
+
+
+def frame(body_hex: str, *, major: int = 1, minor: int = 0, rtype: int = 1) -> bytes:
+    """A frame around a hand-written body, as docs/wire-format.md lays it out (CRC from zlib, not the encoder)."""
+    body = bytes.fromhex(body_hex)
+    head = b"QOHS" + bytes([major, minor, rtype, 0]) + len(body).to_bytes(4, "big")
+    return head + body + zlib.crc32(head + body).to_bytes(4, "big")
+
+
+NIC_BODY = (
+    "14" "046e657430" "022f70" "06e7ffbf790101" "0f"  # present, qdev id, QOM path, offered, driver status
+    "0700000000000040" "00"  # tri lo (bit 54), tri hi
+    "00" "00" "00"  # other properties, unreadable, extensions
+)
+GOLDEN_VM = frame("05" "026831" "000a00000002" "03713335" "01" "1d" + NIC_BODY + "00" "00")
+VM = VmReport("h1", (10, 0, 2), None, "q35", (
+    NicReport.make("net0", "/p", offered=0x10179BFFFE7, driver_status=0x0F, properties={"guest_uso4": Tri.OFF}),))
+
+
+def test_golden_vector_from_the_spec_document() -> None:
+    assert encode(VM) == GOLDEN_VM
+    assert decode(GOLDEN_VM) == VM
+
+
+def test_golden_host_capabilities_with_a_bit_above_64() -> None:
+    # present 0, host "h", offers: 1 x ("tap", bit 65 | bit 0), no extensions
+    vector = frame("00" "0168" "01" "03746170" "09" "010000000000000002" "00", rtype=2)
+    record = HostCapabilities("h", None, None, None, (("tap", 1 << 65 | 1),))
+    assert decode(vector) == record
+    assert encode(record) == vector
+
+
+def test_older_reader_skips_extensions_and_newer_minor_versions() -> None:
+    # The same VM from a hypothetical version 1.3 writer: an unknown NIC extension (tag 99), two extra NIC
+    # bytes after the known fields, and an unknown VM extension (tag 300, a two-byte varint).
+    nic = NIC_BODY[:-2] + "01" "63" "02" "abcd" + "eeee"
+    vector = frame("05" "026831" "000a00000002" "03713335" "01" f"{len(nic) // 2:02x}" + nic + "00"
+                   "01" "ac02" "03" "010203", minor=3)
+    assert decode(vector) == VM
+
+
+def test_newer_major_version_is_a_clear_unsupported_version_error() -> None:
+    vector = frame("05" "026831" "000a00000002" "03713335" "00" "00" "00", major=2)
+    with pytest.raises(UnsupportedVersionError, match=r"unsupported version 2\.0"):
+        decode(vector)
+
+
+def test_hmac_sign_and_verify() -> None:
+    signed = encode(VM, key=b"cluster-secret")
+    assert signed[:-32] [7] == 1  # the flag
+    assert signed[-32:] == hmac.new(b"cluster-secret", signed[:-32], hashlib.sha256).digest()
+    assert decode(signed, key=b"cluster-secret") == VM
+    with pytest.raises(AuthenticationError, match="wrong key or tampered"):
+        decode(signed, key=b"another-key")
+    tampered = bytearray(signed)
+    tampered[20] ^= 1
+    with pytest.raises(AuthenticationError):
+        decode(bytes(tampered), key=b"cluster-secret")
+    with pytest.raises(AuthenticationError, match="not signed"):
+        decode(encode(VM), key=b"cluster-secret")
+
+
+def test_errors_name_the_field() -> None:
+    bad_utf8 = frame("05" "02ff31" "000a00000002" "03713335" "00" "00" "00")
+    with pytest.raises(DecodeError, match=r"UTF-8.*host"):
+        decode(bad_utf8)
+    with pytest.raises(DecodeError, match="magic"):
+        decode(b"JSON" + GOLDEN_VM[4:])
+    with pytest.raises(DecodeError, match="checksum"):
+        decode(GOLDEN_VM[:-1] + bytes([GOLDEN_VM[-1] ^ 0xFF]))
+    inflated = bytearray(GOLDEN_VM)
+    inflated[8:12] = (1 << 31).to_bytes(4, "big")
+    with pytest.raises(DecodeError, match="length"):
+        decode(bytes(inflated))
+
+
+texts = st.text(max_size=40)
+bitmaps = st.one_of(st.none(), st.integers(min_value=0, max_value=(1 << 130) - 1))
+tris = st.sampled_from([Tri.OFF, Tri.ON, Tri.AUTO])
+prop_names = st.one_of(st.sampled_from(sorted(BY_PROPERTY)), st.from_regex(r"x_[a-z]{1,8}", fullmatch=True))
+nics = st.builds(
+    lambda i, path, netdev, backend, props, off, neg, status, bf, vh, notes: NicReport.make(
+        f"net{i}", path, properties=props, unreadable=notes, netdev_id=netdev, backend=backend, offered=off,
+        negotiated=neg, driver_status=status, backend_features=bf, vnet_hdr=vh),
+    st.integers(0, 10**6), texts, st.one_of(st.none(), texts), st.one_of(st.none(), texts),
+    st.dictionaries(prop_names, tris, max_size=8), bitmaps, bitmaps, st.one_of(st.none(), st.integers(0, 255)),
+    bitmaps, st.one_of(st.none(), st.booleans()), st.lists(texts, max_size=3))
+versions = st.one_of(st.none(), st.tuples(*[st.integers(0, 65535)] * 3))
+vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes: VmReport(
+    host, ver, pkg, mach, tuple({n.key: n for n in nic_list}.values()), tuple(notes)),
+    texts, versions, st.one_of(st.none(), texts), st.one_of(st.none(), texts), st.lists(nics, max_size=5),
+    st.lists(texts, max_size=3))
+hosts = st.builds(lambda host, ver, offers: HostCapabilities(host, ver, None, "q35", tuple(sorted(offers.items()))),
+                  texts, versions, st.dictionaries(texts, st.integers(0, (1 << 128) - 1), max_size=5))
+
+
+sets = st.builds(lambda hs: CapabilitySet(tuple(hs)), st.lists(hosts, max_size=6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(vms, hosts, sets), st.one_of(st.none(), st.binary(min_size=1, max_size=16)))
+def test_round_trip(record: VmReport | HostCapabilities, key: bytes | None) -> None:
+    assert decode(encode(record, key=key), key=key) == record
+
+
+def mutations(data: bytes, rng: random.Random) -> bytes:
+    choice = rng.randrange(6)
+    buf = bytearray(data)
+    if choice == 0:  # flip bits
+        for _ in range(rng.randint(1, 4)):
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+    elif choice == 1:  # truncate
+        del buf[rng.randrange(len(buf)):]
+    elif choice == 2:  # inflate a byte to a large length / varint continuation
+        buf[rng.randrange(len(buf))] = rng.choice([0x7F, 0x80, 0xFF])
+    elif choice == 3:  # insert junk
+        pos = rng.randrange(len(buf))
+        buf[pos:pos] = rng.randbytes(rng.randint(1, 8))
+    elif choice == 4:  # inflate the body length
+        buf[8:12] = rng.randrange(1 << 32).to_bytes(4, "big")
+    else:  # mutate the body and fix the CRC, so the parser itself meets the damage
+        body_end = len(buf) - 4
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(12, body_end)] = rng.randrange(256)
+        buf[body_end:] = zlib.crc32(bytes(buf[:body_end])).to_bytes(4, "big")
+    return bytes(buf)
+
+
+FUZZ = """
+import random, sys
+sys.path.insert(0, {tests!r})
+from test_wire import GOLDEN_VM, mutations, VM
+from qemu_offload_handshake import DecodeError, decode, encode
+rng = random.Random({seed})
+seeds = [GOLDEN_VM, encode(VM, key=b"k")]
+for i in range({n}):
+    data = mutations(rng.choice(seeds), rng)
+    try:
+        decode(data, key=rng.choice([None, b"k"]))
+    except DecodeError:
+        pass
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["normal", "python-O"])
+def test_mutation_fuzz_only_decode_error_escapes(optimize: list[str]) -> None:
+    import os
+    tests = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, *optimize, "-c", FUZZ.format(tests=tests, seed=7, n=4000)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_hostile_lengths_do_not_allocate_out_of_proportion() -> None:
+    # A NIC count of 256 and a string length of 1024 claimed in a tiny body, and a 4 GiB body length.
+    hostile = [frame("00" "0168" "ff01" + "ff07" * 50), frame("00" "ff07" + "41" * 10)]
+    tracemalloc.start()
+    for data in hostile * 100:
+        with pytest.raises(DecodeError):
+            decode(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 2_000_000
+
+
+def test_non_bytes_input_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="expected bytes"):
+        decode("QOHS")  # type: ignore[arg-type]
+
+
+def test_golden_capability_set_shares_strings_and_xors_bitmaps() -> None:
+    # strings ["tap", "q35"], no versions, ref tap = 0x0f; host "a" offers 0x0f (xor 0), host "b" 0x0d (xor 2)
+    vector = frame("02" "03746170" "03713335" "00" "01" "00" "010f"
+                   "02" "04" "0161" "01" "01" "00" "00"  # 2 hosts; machine = string 1, 1 offer: tap xor 0
+                   "04" "0162" "01" "01" "00" "0102" "00", rtype=3)
+    record = CapabilitySet((HostCapabilities("a", None, None, "q35", (("tap", 0x0F),)),
+                            HostCapabilities("b", None, None, "q35", (("tap", 0x0D),))))
+    assert decode(vector) == record
+    assert encode(record) == vector
+    out_of_table = frame("02" "03746170" "03713335" "00" "01" "00" "010f" "01" "04" "0161" "07" "01" "00" "00" "00",
+                         rtype=3)
+    with pytest.raises(DecodeError, match="index 7 outside"):
+        decode(out_of_table)
