@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -192,7 +192,13 @@ class Vm:
 
     @property
     def qmp_path(self) -> str:
+        """The lab's own QMP socket (it drives QEMU through it)."""
         return str(self.dir / "qmp.sock")
+
+    @property
+    def address(self) -> str:
+        """A second QMP socket for others (the precheck, an orchestrator): ``unix:/path``."""
+        return f"unix:{self.dir / 'ext.sock'}"
 
     @property
     def alive(self) -> bool:
@@ -277,6 +283,8 @@ class Lab:
                 "-smp", "1",
                 "-chardev", f"socket,id=qmp,path={vmdir / 'qmp.sock'},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
+                "-chardev", f"socket,id=ext,path={vmdir / 'ext.sock'},server=on,wait=off",
+                "-mon", "chardev=ext,mode=control",
                 "-serial", f"file:{vmdir / 'serial.log'}",
                 # The same kernel on every side (also paused and incoming ones) so both sides have equal ROMs.
                 "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz"),
@@ -296,14 +304,19 @@ class Lab:
             argv += ["-incoming", "defer"]
         return argv
 
-    async def start(self, spec: VmSpec, *, extra_args: Iterable[str] = ()) -> Vm:
-        """Start one QEMU; in ``booted`` mode return once the guest's virtio-net driver is up."""
+    async def start(self, spec: VmSpec, *, extra_args: Iterable[str] = (),
+                    rewrite: Callable[[list[str]], list[str]] | None = None) -> Vm:
+        """Start one QEMU; in ``booted`` mode return once the guest's virtio-net driver is up.
+
+        ``rewrite`` may change the command line before QEMU starts (e.g. ``argv.apply_adjustments``)."""
         self._count += 1
         name = f"{NAME_PREFIX}{os.getpid()}-{self._count}"
         vmdir = self.dir / name
         vmdir.mkdir()
         taps = {n.id: self._new_tap() for n in spec.nics if n.backend != "user"}
         argv = [*self._argv(spec, name, vmdir, taps), *extra_args]
+        if rewrite is not None:
+            argv = rewrite(argv)
         env = dict(os.environ) | dict(_build(spec.qemu).env)
         nouso = [taps[n.id] for n in spec.nics if n.backend == "tap-nouso"]
         if nouso:

@@ -1,0 +1,323 @@
+"""The decision engine: two ``VmReport``s in, a ``Verdict`` out. Pure and synchronous.
+
+What QEMU checks when the destination loads a virtio-net device (``hw/net/virtio-net.c`` and
+``hw/virtio/virtio.c``), and so what decides whether a migration *loads*:
+
+* ``virtio_load`` -> ``virtio_set_features_nocheck``: the features the guest negotiated on the source must all
+  be offered by the destination, else ``Features 0x... unsupported. Allowed features: 0x...``. With no driver
+  (negotiated = 0) this passes, whatever the destination offers.
+* ``virtio_net_vnet_post_load``: a source whose peer had a virtio-net header needs one on the destination, else
+  ``virtio-net: saved image requires vnet_hdr=on`` (even with no driver).
+* ``virtio_net_ufo_post_load``: likewise for UFO: ``saved image requires TUN_F_UFO support``.
+
+Whether the guest-visible ABI stays the same is stricter: the offered bitmaps must be identical, or the guest
+sees features appear or vanish at its next device reset.
+
+QEMU does not report vnet_hdr or UFO support directly; they are inferred from what it offers against what was
+asked (``virtio_net_get_features`` clears the header-dependent bits without a vnet header, and the UFO bits
+without UFO). Where neither proves the answer, it is unknown, and unknown is never compatible.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .features import BY_BIT, BY_NAME, BY_PROPERTY, bits_of, mask_of, missing_requirements
+from .model import NicReport, Tri, VmReport
+from .policy import Policy
+
+__all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide"]
+
+
+class Outcome(enum.Enum):
+    COMPATIBLE = "compatible"
+    ADJUSTABLE = "adjustable"
+    BLOCKED = "blocked"
+    UNKNOWN = "unknown"
+
+
+class Severity(enum.Enum):
+    BLOCKER = "blocker"  # the migration fails or the guest loses a feature it uses
+    UNKNOWN = "unknown"  # a fact needed for the decision is missing
+    ADJUST = "adjust"  # fixed by the destination overrides
+    WARNING = "warning"  # no effect on the verdict, but an operator should know
+    INFO = "info"
+
+
+class Mode(enum.Enum):
+    STRICT = "strict"
+    LENIENT = "lenient"
+
+
+_RANK = {Severity.BLOCKER: 0, Severity.UNKNOWN: 1, Severity.ADJUST: 2, Severity.WARNING: 3, Severity.INFO: 4}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    device: str  # qdev id or QOM path; "" for a VM-wide finding
+    severity: Severity
+    code: str  # stable rule name, e.g. "offer-missing"
+    why: str  # one plain sentence
+    feature: str | None = None
+    bit: int | None = None
+    source: str | None = None  # the source's value: "offered" / "not offered" / a property value / text
+    dest: str | None = None
+    negotiated: bool | None = None  # whether the guest negotiated the feature on the source
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    outcome: Outcome
+    mode: Mode
+    findings: tuple[Finding, ...]
+    adjustments: dict[str, dict[str, str]] = field(default_factory=dict)  # qdev id -> {property: "on"/"off"}
+    recommendations: dict[str, dict[str, str]] = field(default_factory=dict)  # lenient: strict's overrides
+    source: VmReport | None = None
+    dest: VmReport | None = None
+
+    @property
+    def verdict(self) -> str:
+        return self.outcome.value
+
+    def device_findings(self, device: str) -> tuple[Finding, ...]:
+        return tuple(f for f in self.findings if f.device == device)
+
+
+# Which backend condition makes QEMU silently clear a bit (virtio_net_get_features), for the "why" sentences.
+_VNET_HDR_BITS = mask_of(BY_NAME[n].bit for n in (
+    "VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6",
+    "VIRTIO_NET_F_HOST_ECN", "VIRTIO_NET_F_GUEST_TSO4", "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_GUEST_ECN",
+    "VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO", "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4",
+    "VIRTIO_NET_F_GUEST_USO6", "VIRTIO_NET_F_HASH_REPORT"))
+_UFO_BITS = mask_of(BY_NAME[n].bit for n in ("VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO"))
+_USO_BITS = mask_of(BY_NAME[n].bit for n in (
+    "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4", "VIRTIO_NET_F_GUEST_USO6"))
+_CAUSES: tuple[tuple[int, str], ...] = (
+    (_USO_BITS, "its backend has no USO: tap on a host kernel older than Linux 6.2, or vhost-user, vhost-vdpa, "
+                "passt, which QEMU never probes for USO"),
+    (_UFO_BITS, "its backend has no UFO support"),
+    (_VNET_HDR_BITS, "its backend has no virtio-net header (vnet_hdr): -netdev user, or tap with vnet_hdr=off"),
+)
+
+
+def _cause(bit: int) -> str:
+    for mask, why in _CAUSES:
+        if mask >> bit & 1:
+            return why
+    return "a machine-type compat property, a property set differently, or a different QEMU build"
+
+
+def _state(bitmap: int | None, bit: int) -> str:
+    return "unknown" if bitmap is None else ("offered" if bitmap >> bit & 1 else "not offered")
+
+
+def vnet_hdr(nic: NicReport) -> bool | None:
+    """Whether the NIC's backend has a virtio-net header: reported, or inferred from offered vs declared."""
+    if nic.vnet_hdr is not None:
+        return nic.vnet_hdr
+    if nic.offered is None:
+        return None
+    if nic.offered & _VNET_HDR_BITS:
+        return True
+    asked = [BY_PROPERTY[p].bit for p, tri in nic.properties if tri is Tri.ON and p in BY_PROPERTY]
+    return False if any(_VNET_HDR_BITS >> b & 1 for b in asked) else None
+
+
+def has_ufo(nic: NicReport) -> bool | None:
+    """Whether the NIC's backend supports UFO (QEMU's peer_has_ufo), inferred like ``vnet_hdr``."""
+    header = vnet_hdr(nic)
+    if header is False:
+        return False
+    if nic.offered is None or header is None:
+        return None
+    if nic.offered & _UFO_BITS:
+        return True
+    asked = any(nic.prop(BY_BIT[b].prop or "") is Tri.ON for b in bits_of(_UFO_BITS))
+    return False if asked else None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self.adjust: dict[str, dict[str, str]] = {}
+        self.recommend: dict[str, dict[str, str]] = {}
+
+    def add(self, device: str, severity: Severity, code: str, why: str, **kw: object) -> None:
+        self.findings.append(Finding(device, severity, code, why, **kw))  # type: ignore[arg-type]
+
+
+def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why: str, bit: int,
+                 src: NicReport, dst: NicReport) -> None:
+    negotiated = None if src.negotiated is None or not src.features_ok else bool(src.negotiated >> bit & 1)
+    feature = BY_BIT.get(bit)
+    c.add(device, severity, code, why, feature=feature.name if feature else None, bit=bit,
+          source=_state(src.offered, bit), dest=_state(dst.offered, bit), negotiated=negotiated)
+
+
+def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
+    if nic.offered is None:
+        return
+    for prop, tri in nic.properties:
+        feature = BY_PROPERTY.get(prop)
+        if feature is None or tri is not Tri.ON or nic.offered >> feature.bit & 1:
+            continue
+        c.add(nic.key, Severity.WARNING, "silently-off",
+              f"{prop}=on, yet the {side} QEMU silently does not offer it: {_cause(feature.bit)}.",
+              feature=feature.name, bit=feature.bit, **{"source" if side == "source" else "dest": "on, not offered"})
+
+
+def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> None:
+    """The conditions under which QEMU itself refuses to load the device."""
+    if src.driver_status is None or (src.features_ok and src.negotiated is None):
+        c.add(key, Severity.UNKNOWN, "negotiated-unknown",
+              "the guest's negotiated features on the source could not be read.")
+    elif src.features_ok and src.negotiated is not None and dst.offered is not None:
+        for bit in bits_of(src.negotiated & ~dst.offered):
+            _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
+                         f"the guest uses it and the destination does not offer it ({_cause(bit)}): QEMU will "
+                         "refuse the load with 'Features 0x... unsupported'.",
+                         bit, src, dst)
+    for check, text, error in ((vnet_hdr, "a virtio-net header (vnet_hdr)", "saved image requires vnet_hdr=on"),
+                               (has_ufo, "UFO support", "saved image requires TUN_F_UFO support")):
+        had, has = check(src), check(dst)
+        if had is False:
+            continue
+        if had is True and has is False:
+            c.add(key, Severity.BLOCKER, f"backend-{check.__name__}",
+                  f"the source's backend has {text} and the destination's does not: QEMU will refuse the load "
+                  f"with '{error}'.", source="yes", dest="no")
+        elif had is None or has is None:
+            c.add(key, Severity.UNKNOWN, f"backend-{check.__name__}-unknown",
+                  f"whether the {'source' if had is None else 'destination'} backend has {text} cannot be told "
+                  "from what QEMU reports.", source=str(had).lower(), dest=str(has).lower())
+
+
+def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode, policy: Policy) -> None:
+    if src.offered is None or dst.offered is None:
+        c.add(key, Severity.UNKNOWN, "offered-unknown",
+              f"the features the {'source' if src.offered is None else 'destination'} offers could not be read.")
+        return
+    overrides: dict[str, str] = {}
+    missing = src.offered & ~dst.offered
+    for bit in bits_of(missing):
+        negotiated = src.features_ok and src.negotiated is not None and bool(src.negotiated >> bit & 1)
+        if negotiated:
+            continue  # already a blocker from the load checks
+        severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING
+        _bit_finding(c, key, severity, "offer-missing",
+                     f"the destination does not offer it ({_cause(bit)}): the guest would lose it at its next "
+                     "device reset (ABI change).", bit, src, dst)
+    extra = dst.offered & ~src.offered
+    for bit in bits_of(extra):
+        feature = BY_BIT.get(bit)
+        prop = feature.prop if feature else None
+        if prop is None or dst.prop(prop) is Tri.UNSET:
+            severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING
+            _bit_finding(c, key, severity, "offer-extra-fixed",
+                         "only the destination offers it and has no property to turn it off: the guest would see "
+                         "a new feature after its next reset (ABI change).", bit, src, dst)
+            continue
+        overrides[prop] = "off"
+        severity = Severity.ADJUST if mode is Mode.STRICT else Severity.WARNING
+        _bit_finding(c, key, severity, "offer-extra",
+                     "only the destination offers it; turn it off there to keep the guest ABI identical.",
+                     bit, src, dst)
+    _apply_policy(c, key, src, dst, policy, overrides)
+    if overrides and missing_requirements(dst.offered & ~mask_of(BY_PROPERTY[p].bit for p in overrides)):
+        c.add(key, Severity.BLOCKER, "overrides-inconsistent",
+              "turning the extra features off would leave the destination with a feature set the virtio spec "
+              "forbids (a feature without the one it requires).")
+        return
+    if overrides:
+        if mode is Mode.STRICT or any(f.severity is Severity.ADJUST and f.device == key for f in c.findings):
+            c.adjust[key] = overrides
+        else:
+            c.recommend[key] = overrides
+
+
+def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, policy: Policy,
+                  overrides: dict[str, str]) -> None:
+    if src.offered is None or dst.offered is None:
+        return
+    for prop, want in policy.properties.items():
+        bit = BY_PROPERTY[prop].bit
+        in_src, in_dst = bool(src.offered >> bit & 1), bool(dst.offered >> bit & 1)
+        if want is Tri.ON and not (in_src and in_dst):
+            where = " and ".join(s for s, ok in (("source", in_src), ("destination", in_dst)) if not ok)
+            _bit_finding(c, key, Severity.BLOCKER, "policy-on",
+                         f"policy requires {prop}=on but the {where} does not offer it ({_cause(bit)}).",
+                         bit, src, dst)
+        elif want is Tri.OFF and in_src:
+            _bit_finding(c, key, Severity.BLOCKER, "policy-off-source",
+                         f"policy requires {prop}=off but the source offers it; a running guest cannot be "
+                         "changed.", bit, src, dst)
+        elif want is Tri.OFF and in_dst and prop not in overrides:
+            if dst.prop(prop) is Tri.UNSET:
+                _bit_finding(c, key, Severity.BLOCKER, "policy-off-fixed",
+                             f"policy requires {prop}=off; the destination offers it and has no such property.",
+                             bit, src, dst)
+            else:
+                overrides[prop] = "off"
+                _bit_finding(c, key, Severity.ADJUST, "policy-off",
+                             f"policy requires {prop}=off; turn it off on the destination.", bit, src, dst)
+
+
+def _outcome(findings: Iterable[Finding]) -> Outcome:
+    severities = {f.severity for f in findings}
+    if Severity.BLOCKER in severities:
+        return Outcome.BLOCKED
+    if Severity.UNKNOWN in severities:
+        return Outcome.UNKNOWN
+    if Severity.ADJUST in severities:
+        return Outcome.ADJUSTABLE
+    return Outcome.COMPATIBLE
+
+
+def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.STRICT,
+           policy: Policy | None = None, problems: Iterable[str] = ()) -> Verdict:
+    """Compare the two sides. ``problems`` are reasons a side could not be probed at all (verdict unknown)."""
+    policy = policy or Policy()
+    c = _Collector()
+    for problem in problems:
+        c.add("", Severity.UNKNOWN, "probe-failed", problem)
+    if source is None or dest is None:
+        if not any(f.code == "probe-failed" for f in c.findings):
+            c.add("", Severity.UNKNOWN, "probe-failed", "a side was not probed.")
+        return Verdict(_outcome(c.findings), mode, tuple(c.findings), source=source, dest=dest)
+    for side, report in (("source", source), ("destination", dest)):
+        for note in report.unreadable:
+            c.add("", Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
+    if source.machine is None or dest.machine is None:
+        c.add("", Severity.UNKNOWN, "machine-unknown", "the machine type of a side could not be read.")
+    elif source.machine != dest.machine:
+        c.add("", Severity.BLOCKER, "machine-differs",
+              f"the machine types differ ({source.machine} vs {dest.machine}): QEMU migrates only between equal "
+              "machine types.", source=source.machine, dest=dest.machine)
+    dest_keys = {n.key for n in dest.nics}
+    for src in source.nics:
+        dst = dest.nic(src.key)
+        if dst is None:
+            c.add(src.key, Severity.BLOCKER, "device-missing",
+                  "the destination has no such virtio-net device: the load would fail.", source="present",
+                  dest="absent")
+            continue
+        dest_keys.discard(dst.key)
+        for side, nic in (("source", src), ("destination", dst)):
+            for note in nic.unreadable:
+                c.add(src.key, Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
+            _silent_turn_offs(c, side, nic)
+        _load_checks(c, src.key, src, dst)
+        _compare(c, src.key, src, dst, mode, policy)
+    for key in sorted(dest_keys):
+        c.add(key, Severity.BLOCKER, "device-extra",
+              "only the destination has this virtio-net device: the load would fail.", source="absent",
+              dest="present")
+    if not source.nics and not dest.nics:
+        c.add("", Severity.INFO, "no-nics", "neither side has a virtio-net device.")
+    findings = tuple(sorted(c.findings, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
+    outcome = _outcome(findings)
+    adjustments = c.adjust if outcome is Outcome.ADJUSTABLE else {}
+    recommendations = c.recommend if outcome is not Outcome.BLOCKED else {}
+    return Verdict(outcome, mode, findings, adjustments, recommendations, source, dest)

@@ -1,0 +1,95 @@
+"""Verdicts as JSON (for scripts) and as a short table (for a tired operator)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .decide import Finding, Verdict
+from .model import NicReport, VmReport
+
+__all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
+
+EXIT_CODES = {"compatible": 0, "blocked": 1, "adjustable": 3, "unknown": 4}
+
+
+def _finding(f: Finding) -> dict[str, Any]:
+    return {"severity": f.severity.value, "code": f.code, "feature": f.feature, "bit": f.bit, "source": f.source,
+            "dest": f.dest, "negotiated": f.negotiated, "why": f.why}
+
+
+def _side(report: VmReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {"host": report.host, "qemu_version": ".".join(map(str, report.qemu_version or ())) or None,
+            "package": report.package, "machine": report.machine}
+
+
+def verdict_json(v: Verdict) -> dict[str, Any]:
+    keys: list[str] = []
+    for report in (v.source, v.dest):
+        for nic in report.nics if report else ():
+            if nic.key not in keys:
+                keys.append(nic.key)
+    return {
+        "verdict": v.verdict,
+        "mode": v.mode.value,
+        "source": _side(v.source),
+        "dest": _side(v.dest),
+        "findings": [_finding(f) for f in v.findings if not f.device],
+        "devices": [{"id": key, "findings": [_finding(f) for f in v.device_findings(key)]} for key in keys],
+        "adjustments": v.adjustments,
+        "recommendations": v.recommendations,
+    }
+
+
+def _nic_json(n: NicReport) -> dict[str, Any]:
+    def hexa(x: int | None) -> str | None:
+        return None if x is None else hex(x)
+    return {"qdev_id": n.qdev_id, "qom_path": n.qom_path, "netdev_id": n.netdev_id, "backend": n.backend,
+            "properties": {k: str(t) for k, t in n.properties}, "offered": hexa(n.offered),
+            "negotiated": hexa(n.negotiated), "driver_status": n.driver_status,
+            "backend_features": hexa(n.backend_features), "vnet_hdr": n.vnet_hdr, "unreadable": list(n.unreadable)}
+
+
+def report_json(r: Any) -> dict[str, Any]:
+    """Any decoded record as JSON-friendly data (bitmaps as hex strings: JSON numbers lose bits above 53)."""
+    from .model import CapabilitySet, HostCapabilities
+    if isinstance(r, VmReport):
+        return {"type": "vm", **(_side(r) or {}), "nics": [_nic_json(n) for n in r.nics],
+                "unreadable": list(r.unreadable)}
+    if isinstance(r, HostCapabilities):
+        return {"type": "host", **(_side(r) or {}), "offers": {k: hex(b) for k, b in r.offers}}  # type: ignore[arg-type]
+    if isinstance(r, CapabilitySet):
+        return {"type": "set", "hosts": [report_json(h) for h in r.hosts]}
+    raise TypeError(f"not a record: {type(r).__name__}")
+
+
+def _short(f: Finding) -> str:
+    name = (f.feature or "").removeprefix("VIRTIO_NET_F_").removeprefix("VIRTIO_F_")
+    return f"{name or 'bit'} ({f.bit})" if f.bit is not None else "-"
+
+
+def verdict_table(v: Verdict) -> str:
+    """A short table: findings that differ only in their feature share one row."""
+    lines = [f"verdict: {v.verdict.upper()}  ({v.mode.value} mode)"]
+    for name, report in (("source", v.source), ("dest", v.dest)):
+        if report is not None:
+            version = ".".join(map(str, report.qemu_version)) if report.qemu_version else "?"
+            lines.append(f"  {name:6}  {report.host}  QEMU {version}  machine {report.machine or '?'}  "
+                         f"{len(report.nics)} virtio-net")
+    rows: list[tuple[tuple[str, ...], list[str]]] = []
+    for f in v.findings:
+        key = (f.severity.value, f.device or "-", f.source or "-", f.dest or "-", f.why)
+        if rows and rows[-1][0] == key:
+            rows[-1][1].append(_short(f))
+        else:
+            rows.append((key, [_short(f)]))
+    if rows:
+        lines += ["", f"  {'SEVERITY':8}  {'DEVICE':8}  {'SOURCE':15}  {'DEST':15}  FEATURES"]
+        for (severity, device, src, dst, why), features in rows:
+            lines.append(f"  {severity:8}  {device:8}  {src:15}  {dst:15}  {', '.join(features)}")
+            lines.append(f"  {'':8}  {'':8}  why: {why}")
+    for title, table in (("start the destination with", v.adjustments), ("recommended", v.recommendations)):
+        for dev, props in table.items():
+            lines.append(f"  {title}: -device ...,id={dev}," + ",".join(f"{k}={val}" for k, val in props.items()))
+    return "\n".join(lines)
