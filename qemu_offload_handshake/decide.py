@@ -295,6 +295,10 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
         c.add("", Severity.BLOCKER, "machine-differs",
               f"the machine types differ ({source.machine} vs {dest.machine}): QEMU migrates only between equal "
               "machine types.", source=source.machine, dest=dest.machine)
+    if not (source.devices_known and dest.devices_known):
+        c.add("", Severity.UNKNOWN, "devices-unknown",
+              "the virtio-net devices of a side could not be listed, so they cannot be compared.")
+        return _verdict(c, mode, source, dest)
     dest_keys = {n.key for n in dest.nics}
     for src in source.nics:
         dst = dest.nic(src.key)
@@ -316,6 +320,10 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
               dest="present")
     if not source.nics and not dest.nics:
         c.add("", Severity.INFO, "no-nics", "neither side has a virtio-net device.")
+    return _verdict(c, mode, source, dest)
+
+
+def _verdict(c: _Collector, mode: Mode, source: VmReport, dest: VmReport) -> Verdict:
     findings = tuple(sorted(c.findings, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
     outcome = _outcome(findings)
     adjustments = c.adjust if outcome is Outcome.ADJUSTABLE else {}

@@ -166,9 +166,12 @@ class VmReport:
     machine: str | None
     nics: tuple[NicReport, ...] = ()
     unreadable: tuple[str, ...] = ()
+    devices_known: bool = True  # False: the device list itself could not be read (``nics`` is then empty)
 
     def __post_init__(self) -> None:
         _check_str("host", self.host)
+        if not isinstance(self.devices_known, bool) or (not self.devices_known and self.nics):
+            raise ValueError("devices_known must be a bool, and False only with no NICs")
         _check_version(self.qemu_version)
         _check_str("package", self.package, optional=True)
         _check_str("machine", self.machine, optional=True)

@@ -121,4 +121,8 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str) -> VmReport:
     elif devices is not None:
         notes.append("x-query-virtio: reply is not a list")
     nics = await asyncio.gather(*(_probe_nic(qmp, path) for path in paths))
-    return VmReport(host, qemu_version, package, machine_type, tuple(nics), tuple(notes))
+    try:
+        return VmReport(host, qemu_version, package, machine_type, tuple(nics), tuple(notes),
+                        devices_known=isinstance(devices, list))
+    except (TypeError, ValueError) as err:
+        raise ReplyError(f"{host}: QEMU's answers do not make a valid report: {err}") from err

@@ -261,7 +261,7 @@ _Extensions = cs.PrefixedArray(_Count, cs.Struct("tag" / _VarInt(0xFFFF), "data"
 # Presence bits of optional fields (an absent field is None in the model).
 NIC_NETDEV, NIC_BACKEND, NIC_OFFERED, NIC_NEGOTIATED, NIC_STATUS, NIC_BACKEND_FEATURES, NIC_VNET_HDR = (
     1, 2, 4, 8, 16, 32, 64)
-VM_VERSION, VM_PACKAGE, VM_MACHINE = 1, 2, 4
+VM_VERSION, VM_PACKAGE, VM_MACHINE, VM_DEVICES_UNKNOWN = 1, 2, 4, 8
 
 _Nic = cs.Struct(
     "present" / _VarInt(0x7F),
@@ -282,7 +282,7 @@ _Nic = cs.Struct(
 )
 _Version = cs.Struct("major" / _Uint(2), "minor" / _Uint(2), "micro" / _Uint(2))
 _Head = cs.Struct(  # common start of the VM and host bodies
-    "present" / _VarInt(0x7),
+    "present" / _VarInt(0xF),
     "host" / _Str,
     "version" / cs.If(cs.this.present & VM_VERSION, _Version),
     "package" / cs.If(cs.this.present & VM_PACKAGE, _Str),
@@ -332,7 +332,8 @@ _HEADER = _Header.compile()
 
 def _head(record: VmReport | HostCapabilities) -> dict[str, Any]:
     present = ((VM_VERSION if record.qemu_version else 0) | (VM_PACKAGE if record.package is not None else 0)
-               | (VM_MACHINE if record.machine is not None else 0))
+               | (VM_MACHINE if record.machine is not None else 0)
+               | (VM_DEVICES_UNKNOWN if isinstance(record, VmReport) and not record.devices_known else 0))
     version = dict(zip(("major", "minor", "micro"), record.qemu_version, strict=True)) if record.qemu_version else None
     return {"present": present, "host": record.host, "version": version, "package": record.package,
             "machine": record.machine}
@@ -546,7 +547,10 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
         version = _version(head.version)
         if header.type == TYPE_VM:
             return VmReport(head.host, version, head.package, head.machine,
-                            tuple(_nic_from(n, i) for i, n in enumerate(parsed.nics)), tuple(parsed.unreadable))
+                            tuple(_nic_from(n, i) for i, n in enumerate(parsed.nics)), tuple(parsed.unreadable),
+                            devices_known=not head.present & VM_DEVICES_UNKNOWN)
+        if head.present & VM_DEVICES_UNKNOWN:
+            raise DecodeError("flag 8 (device list unreadable) is for VM reports only", field="head.present")
         offers = tuple(sorted((o.backend, o.bitmap) for o in parsed.offers))
         if len({k for k, _ in offers}) != len(offers):
             raise DecodeError("a backend kind is listed twice", field="offers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -42,3 +43,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if new_pids or new_taps:
         print(f"\nLEAK: the run left QEMU processes {new_pids} and tap devices {new_taps} behind")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# tests/fakeqmp.py is imported by the tests as "fakeqmp".
+sys.path.insert(0, os.path.dirname(__file__))

@@ -105,10 +105,11 @@ nics = st.builds(
     st.dictionaries(prop_names, tris, max_size=8), bitmaps, bitmaps, st.one_of(st.none(), st.integers(0, 255)),
     bitmaps, st.one_of(st.none(), st.booleans()), st.lists(texts, max_size=3))
 versions = st.one_of(st.none(), st.tuples(*[st.integers(0, 65535)] * 3))
-vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes: VmReport(
-    host, ver, pkg, mach, tuple({n.key: n for n in nic_list}.values()), tuple(notes)),
+vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes, known: VmReport(
+    host, ver, pkg, mach, tuple({n.key: n for n in nic_list}.values()), tuple(notes),
+    devices_known=known or bool(nic_list)),
     texts, versions, st.one_of(st.none(), texts), st.one_of(st.none(), texts), st.lists(nics, max_size=5),
-    st.lists(texts, max_size=3))
+    st.lists(texts, max_size=3), st.booleans())
 hosts = st.builds(lambda host, ver, offers: HostCapabilities(host, ver, None, "q35", tuple(sorted(offers.items()))),
                   texts, versions, st.dictionaries(texts, st.integers(0, (1 << 128) - 1), max_size=5))
 

@@ -1,0 +1,126 @@
+"""A scripted fake QMP server, for what real QEMU will not do on demand: hang, drop the connection, answer
+garbage or errors, lack a command, answer OnOffAuto strings, or report QEMU 10.2's feature bits above 63.
+
+It replays real QEMU answers captured by ``scripts/capture_transcript.py`` (``tests/data/transcript-*.json``),
+with per-command overrides. Run standalone (for the fleet benchmark) with
+``python tests/fakeqmp.py TRANSCRIPT SOCKET``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+
+# A behaviour for one command: a reply object ({"return": ...} / {"error": ...}), or one of these words.
+HANG, DROP, GARBAGE = "hang", "drop", "garbage"
+Behaviour = dict[str, Any] | str | Callable[[dict[str, Any]], dict[str, Any] | str]
+
+
+def load_transcript(name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    data = json.loads((DATA / f"transcript-{name}.json").read_text())
+    return {(cmd, json.dumps(args, sort_keys=True)): reply for cmd, args, reply in data["exchanges"]}
+
+
+@dataclass
+class FakeQMP:
+    replies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    overrides: dict[str, Behaviour] = field(default_factory=dict)  # by command name
+    greet: bool = True  # False: accept the connection and never send the greeting (a stopped QEMU)
+    version: tuple[int, int, int] = (10, 0, 2)
+    received: list[str] = field(default_factory=list)
+    _server: asyncio.AbstractServer | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self, path: str) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    def _answer(self, message: dict[str, Any]) -> dict[str, Any] | str:
+        command = message.get("execute", "")
+        args = message.get("arguments", {}) or {}
+        if command == "qmp_capabilities":
+            return {"return": {}}
+        behaviour = self.overrides.get(command)
+        if callable(behaviour):
+            return behaviour(args)
+        if behaviour is not None:
+            return behaviour
+        reply = self.replies.get((command, json.dumps(args, sort_keys=True)))
+        if reply is not None:
+            return reply
+        if any(cmd == command for cmd, _ in self.replies):
+            return {"error": {"class": "GenericError", "desc": f"no scripted answer for {command} {args}"}}
+        return {"error": {"class": "CommandNotFound", "desc": f"The command {command} has not been found"}}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            if not self.greet:
+                await reader.read()  # say nothing until the client gives up
+                return
+            major, minor, micro = self.version
+            greeting = {"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
+                                            "package": "fake"}, "capabilities": ["oob"]}}
+            writer.write(json.dumps(greeting).encode() + b"\r\n")
+            async for message in _messages(reader):
+                self.received.append(message.get("execute", ""))
+                answer = self._answer(message)
+                if answer == HANG:
+                    continue
+                if answer == DROP:
+                    return
+                if answer == GARBAGE:
+                    writer.write(b"{this is not json\r\n")
+                else:
+                    assert isinstance(answer, dict)
+                    if "id" in message:
+                        answer = {**answer, "id": message["id"]}
+                    writer.write(json.dumps(answer).encode() + b"\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    """JSON objects as the client sends them (qemu.qmp sends no newline between them, like QEMU accepts)."""
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while chunk := await reader.read(65536):
+        buffer += chunk.decode()
+        while buffer.strip():
+            try:
+                message, end = decoder.raw_decode(buffer.lstrip())
+            except json.JSONDecodeError:
+                break
+            buffer = buffer.lstrip()[end:]
+            yield message
+
+
+async def _main(transcript: str, path: str) -> None:
+    server = FakeQMP(load_transcript(transcript))
+    await server.start(path)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main(sys.argv[1], sys.argv[2]))

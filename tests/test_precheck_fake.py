@@ -1,0 +1,192 @@
+"""The precheck against the scripted fake QMP server: what real QEMU will not do on demand."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from fakeqmp import DATA, DROP, GARBAGE, HANG, FakeQMP, load_transcript
+
+from qemu_offload_handshake import UsageError, decode
+from qemu_offload_handshake.api import precheck, probe
+from qemu_offload_handshake.decide import Severity
+from qemu_offload_handshake.model import Tri
+
+Serve = Callable[..., Awaitable[str]]
+TRANSCRIPT = "qemu10-4nics-booted"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """serve(**FakeQMP fields) -> a QMP address of a fake server replaying the 4-NIC QEMU 10 transcript."""
+    tmp = tempfile.mkdtemp(prefix="qoh-fake-")
+    servers: list[FakeQMP] = []
+
+    async def start(transcript: str = TRANSCRIPT, **kw: Any) -> str:
+        server = FakeQMP(load_transcript(transcript), **kw)
+        path = f"{tmp}/{len(servers)}.sock"
+        await server.start(path)
+        servers.append(server)
+        return f"unix:{path}"
+
+    yield start
+    for server in servers:
+        await server.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def status_reply(path: str, transcript: str = TRANSCRIPT) -> dict[str, Any]:
+    reply = load_transcript(transcript)[("x-query-virtio-status", json.dumps({"path": path}, sort_keys=True))]
+    return copy.deepcopy(reply)
+
+
+NET0 = "/machine/peripheral/net0/virtio-backend"
+
+
+async def test_replayed_real_answers_give_the_report_real_qemu_gave(serve: Serve) -> None:
+    for transcript in ("qemu10-4nics-booted", "qemu72-1nic-booted"):
+        address = await serve(transcript)
+        report = await probe(address, host=transcript)
+        recorded = json.loads((DATA / f"transcript-{transcript}.json").read_text())["report"]
+        assert report == decode(bytes.fromhex(recorded))
+    verdict = await precheck(await serve(), await serve())
+    assert verdict.verdict == "compatible"
+
+
+async def test_a_hung_command_is_unknown_not_a_hang(serve: Serve) -> None:
+    hung = await serve(overrides={"x-query-virtio-status": HANG})
+    start = time.monotonic()
+    verdict = await precheck(await serve(), hung, timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert verdict.verdict == "unknown"
+    assert any("destination could not be probed" in f.why and "no answer within 0.5 s" in f.why
+               for f in verdict.findings)
+
+
+async def test_a_stopped_qemu_that_never_greets_is_unknown(serve: Serve) -> None:
+    verdict = await precheck(await serve(greet=False), await serve(), timeout=0.5)
+    assert verdict.verdict == "unknown"
+    assert any("no QMP greeting" in f.why for f in verdict.findings)
+
+
+@pytest.mark.parametrize("behaviour", [DROP, GARBAGE], ids=["dropped", "garbage"])
+async def test_dropped_connection_or_garbage_mid_probe_is_unknown(serve: Serve, behaviour: str) -> None:
+    verdict = await precheck(await serve(), await serve(overrides={"qom-list": behaviour}), timeout=2)
+    assert verdict.verdict == "unknown"
+    assert verdict.dest is None
+
+
+async def test_nothing_listening_is_unknown(serve: Serve) -> None:
+    verdict = await precheck(await serve(), "unix:/nonexistent/qmp.sock", timeout=1)
+    assert verdict.verdict == "unknown"
+    assert any("cannot connect" in f.why for f in verdict.findings)
+
+
+async def test_error_reply_for_a_device_is_unknown_with_the_reason(serve: Serve) -> None:
+    def status(args: dict[str, Any]) -> dict[str, Any]:
+        if args["path"] == NET0:
+            return {"error": {"class": "GenericError", "desc": "device is being unplugged"}}
+        return status_reply(args["path"])
+    verdict = await precheck(await serve(), await serve(overrides={"x-query-virtio-status": status}))
+    assert verdict.verdict == "unknown"
+    assert any(f.device == "net0" and "device is being unplugged" in f.why for f in verdict.findings)
+
+
+async def test_qemu_older_than_7_2_is_unknown_unless_already_blocked(serve: Serve) -> None:
+    old = {"x-query-virtio": {"error": {"class": "CommandNotFound", "desc": "The command x-query-virtio has not "
+                                                                           "been found"}}}
+    verdict = await precheck(await serve(), await serve(overrides=old, version=(7, 1, 0)))
+    assert verdict.verdict == "unknown"
+    assert any("older than 7.2" in f.why for f in verdict.findings)
+    other_machine = old | {"qom-get": lambda args: {"return": "pc-q35-7.1-machine"}}
+    verdict = await precheck(await serve(), await serve(overrides=other_machine))
+    assert verdict.verdict == "blocked"  # the machine types alone prove it
+
+
+async def test_onoffauto_string_properties_of_a_future_qemu(serve: Serve) -> None:
+    real_list = load_transcript(TRANSCRIPT)[("qom-list", json.dumps({"path": NET0}, sort_keys=True))]["return"]
+    onoffauto = {"host_uso", "guest_uso4", "guest_uso6", "csum"}
+
+    def qom_list(args: dict[str, Any]) -> dict[str, Any]:
+        return {"return": [{"name": p["name"], "type": "OnOffAuto" if p["name"] in onoffauto else p["type"]}
+                           for p in real_list]}
+
+    def qom_get(args: dict[str, Any]) -> dict[str, Any]:
+        value = {"host_uso": "auto", "guest_uso4": "on", "guest_uso6": "off", "csum": "on"}.get(args["property"])
+        if value is not None:
+            return {"return": value}
+        key = ("qom-get", json.dumps(args, sort_keys=True))
+        return load_transcript(TRANSCRIPT).get(key, {"return": False})
+
+    def no_uso6(args: dict[str, Any]) -> dict[str, Any]:
+        reply = status_reply(args["path"])
+        for block in ("host-features", "guest-features"):
+            labels = reply["return"][block]["dev-features"]
+            reply["return"][block]["dev-features"] = [x for x in labels if "USOv6" not in x]
+        return reply
+
+    dest = await serve(overrides={"qom-list": qom_list, "qom-get": qom_get, "x-query-virtio-status": no_uso6})
+    report = await probe(dest)
+    nic = report.nic("net0")
+    assert nic is not None
+    assert (nic.prop("host_uso"), nic.prop("guest_uso4"), nic.prop("guest_uso6"), nic.prop("csum")) == (
+        Tri.AUTO, Tri.ON, Tri.OFF, Tri.ON)
+    verdict = await precheck(await serve(), dest)
+    assert verdict.verdict == "blocked"  # the guest negotiated GUEST_USO6; the destination has it off
+    assert {f.bit for f in verdict.findings if f.code == "negotiated-missing"} == {55}
+
+
+def with_tunnel_bits(args: dict[str, Any]) -> dict[str, Any]:
+    """QEMU 10.2's labels for the UDP tunnel bits 65-68, in host-features."""
+    reply = status_reply(args["path"])
+    reply["return"]["host-features"]["dev-features"] += [
+        "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO: Driver can receive GSO over UDP tunnel packets",
+        "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO: Driver can receive GSO over UDP tunnel packets requiring checksum "
+        "offload for the outer header",
+        "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO: Device can receive GSO over UDP tunnel packets",
+        "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM: Device can receive GSO over UDP tunnel packets requiring checksum "
+        "offload for the outer header"]
+    return reply
+
+
+def tunnel_props(args: dict[str, Any]) -> dict[str, Any]:
+    real = load_transcript(TRANSCRIPT)[("qom-list", json.dumps(args, sort_keys=True))]["return"]
+    extra = [{"name": n, "type": "bool"} for n in ("guest_tunnel", "guest_tunnel_csum", "host_tunnel",
+                                                   "host_tunnel_csum")]
+    return {"return": real + extra}
+
+
+async def test_qemu_10_2_bits_above_63_destination_offers_more(serve: Serve) -> None:
+    newer = await serve(overrides={"x-query-virtio-status": with_tunnel_bits, "qom-list": tunnel_props})
+    verdict = await precheck(await serve(), newer)
+    assert verdict.verdict == "adjustable"
+    assert verdict.adjustments["net0"] == {"guest_tunnel": "off", "guest_tunnel_csum": "off", "host_tunnel": "off",
+                                           "host_tunnel_csum": "off"}
+    assert {f.bit for f in verdict.findings if f.code == "offer-extra"} == {65, 66, 67, 68}
+
+
+async def test_qemu_10_2_bits_above_63_destination_offers_less(serve: Serve) -> None:
+    newer = await serve(overrides={"x-query-virtio-status": with_tunnel_bits, "qom-list": tunnel_props})
+    older = await serve()
+    strict = await precheck(newer, older)
+    assert strict.verdict == "blocked"
+    assert {f.bit for f in strict.findings if f.code == "offer-missing"} == {65, 66, 67, 68}
+    lenient = await precheck(newer, older, lenient=True)
+    assert lenient.verdict == "compatible"  # the guest did not negotiate them: the load works
+    assert all(f.severity is not Severity.BLOCKER for f in lenient.findings)
+
+
+@pytest.mark.parametrize("address", ["", "tcp:host", "tcp:host:99999", "ftp://x", "unix:"])
+async def test_bad_addresses_are_usage_errors(address: str) -> None:
+    with pytest.raises(UsageError):
+        await precheck(address, "unix:/tmp/x")
+
+
+
+
