@@ -86,7 +86,7 @@ def test_no_vnet_hdr_on_the_destination_is_blocked_even_paused() -> None:
 
 def test_vnet_hdr_and_ufo_unknown_when_nothing_proves_them() -> None:
     quiet = nic(OFFERED & ~mask_of([0, 1, 6, 7, 8, 9, 10, 11, 12, 13, 14, 54, 55, 56]),
-                **{p: Tri.OFF for p in ("csum", "guest_csum", "guest_ufo", "host_ufo")})
+                csum=Tri.OFF, guest_csum=Tri.OFF, guest_ufo=Tri.OFF, host_ufo=Tri.OFF)
     assert vnet_hdr(quiet) is None
     assert has_ufo(quiet) is None
     assert has_ufo(nic()) is True
