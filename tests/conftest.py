@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from qemu_offload_handshake import lab
+
+# tests/fakeqmp.py is imported by the tests as "fakeqmp".
+sys.path.insert(0, os.path.dirname(__file__))
+from fakeqmp import TRANSCRIPT, FakeQMP, load_transcript
+
+Serve = Callable[..., Awaitable[str]]
 
 CI = os.environ.get("CI", "").lower() == "true"
 _before: tuple[list[int], list[str]] = ([], [])
@@ -45,5 +54,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# tests/fakeqmp.py is imported by the tests as "fakeqmp".
-sys.path.insert(0, os.path.dirname(__file__))
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """serve(**FakeQMP fields) -> a QMP address of a fake server replaying the 4-NIC QEMU 10 transcript."""
+    tmp = tempfile.mkdtemp(prefix="qoh-fake-")
+    servers: list[FakeQMP] = []
+
+    async def start(transcript: str = TRANSCRIPT, **kw: Any) -> str:
+        server = FakeQMP(load_transcript(transcript), **kw)
+        path = f"{tmp}/{len(servers)}.sock"
+        await server.start(path)
+        servers.append(server)
+        return f"unix:{path}"
+
+    yield start
+    for server in servers:
+        await server.close()
+    shutil.rmtree(tmp, ignore_errors=True)

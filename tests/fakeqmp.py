@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).parent / "data"
+TRANSCRIPT = "qemu10-4nics-booted"  # 4 NICs, QEMU 10.0.2, booted guest
 
 # A behaviour for one command: a reply object ({"return": ...} / {"error": ...}), or one of these words.
 HANG, DROP, GARBAGE = "hang", "drop", "garbage"

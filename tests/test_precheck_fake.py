@@ -4,41 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from fakeqmp import DATA, DROP, GARBAGE, HANG, FakeQMP, load_transcript
+from conftest import Serve
+from fakeqmp import DATA, DROP, GARBAGE, HANG, TRANSCRIPT, load_transcript
 
 from qemu_offload_handshake import UsageError, decode
 from qemu_offload_handshake.api import precheck, probe
 from qemu_offload_handshake.decide import Severity
 from qemu_offload_handshake.model import Tri
-
-Serve = Callable[..., Awaitable[str]]
-TRANSCRIPT = "qemu10-4nics-booted"
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """serve(**FakeQMP fields) -> a QMP address of a fake server replaying the 4-NIC QEMU 10 transcript."""
-    tmp = tempfile.mkdtemp(prefix="qoh-fake-")
-    servers: list[FakeQMP] = []
-
-    async def start(transcript: str = TRANSCRIPT, **kw: Any) -> str:
-        server = FakeQMP(load_transcript(transcript), **kw)
-        path = f"{tmp}/{len(servers)}.sock"
-        await server.start(path)
-        servers.append(server)
-        return f"unix:{path}"
-
-    yield start
-    for server in servers:
-        await server.close()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def status_reply(path: str, transcript: str = TRANSCRIPT) -> dict[str, Any]:
