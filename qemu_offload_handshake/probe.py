@@ -1,13 +1,16 @@
 """Probe one QEMU over QMP (read-only) into a ``VmReport``.
 
-Per virtio-net device: ``x-query-virtio-status`` (offered = host-features, negotiated = guest-features, backend
-features, driver status), ``qom-list`` (which offload properties this QEMU has, and their types) and ``qom-get``
-for the properties whose value is not already implied. Everything per device and per VM runs concurrently; every
-call has the connection's timeout.
+Three rounds of concurrent read-only commands, each call with the connection's timeout:
 
-Which property values are implied: QEMU builds the offered bitmap from the boolean properties and then only
-*clears* bits (``hw/net/virtio-net.c``, ``virtio_net_get_features``), so a boolean property whose bit is
-offered is necessarily on. All others (bits not offered, and non-boolean OnOffAuto properties) are read.
+1. ``query-version``, ``qom-get /machine type``, ``x-query-virtio`` (the devices);
+2. per virtio-net device ``x-query-virtio-status`` (offered = host-features, negotiated = guest-features,
+   backend features, driver status), and one ``qom-list`` (which offload properties this QEMU's virtio-net has,
+   and their types: ``bool`` today, ``OnOffAuto`` in a QEMU that adopts it);
+3. ``qom-get`` for each property whose value the offered bitmap does not already imply.
+
+Which values are implied: QEMU builds the offered bitmap from the boolean properties and then only *clears*
+bits (``hw/net/virtio-net.c``, ``virtio_net_get_features``), so a boolean property whose bit is offered is on,
+and one whose bit QEMU never clears for this backend is off when not offered. The rest are read.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from .errors import CommandError, ReplyError
-from .features import BY_PROPERTY
+from .features import BY_NAME, BY_PROPERTY, mask_of
 from .model import NicReport, Tri, VmReport, parse_tri
 from .qmp import ReadOnlyQMP
 from .virtio_status import parse_feature_block, parse_status
@@ -46,53 +49,70 @@ def _device_path(virtio_path: str) -> tuple[str, str]:
     return (rest if rest and "/" not in rest else ""), device
 
 
-async def _probe_nic(qmp: ReadOnlyQMP, path: str) -> NicReport:
-    qdev_id, device = _device_path(path)
-    notes: list[str] = []
-    status, plist = await asyncio.gather(
-        _try(qmp.execute("x-query-virtio-status", {"path": path}), notes, "x-query-virtio-status"),
-        _try(qmp.execute("qom-list", {"path": path}), notes, "qom-list"))
+# Bits QEMU may clear silently on a non-vhost backend (hw/net/virtio-net.c, virtio_net_get_features: no vnet
+# header, no UFO, no USO, no UDP tunnel support (10.2), no own hash/RSS). Any other boolean property whose bit is
+# not offered is off. With vhost, the backend masks further bits (vhost_net_get_features), so all are read.
+_CLEARABLE = mask_of(BY_NAME[n].bit for n in (
+    "VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6",
+    "VIRTIO_NET_F_HOST_ECN", "VIRTIO_NET_F_GUEST_TSO4", "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_GUEST_ECN",
+    "VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO", "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4",
+    "VIRTIO_NET_F_GUEST_USO6", "VIRTIO_NET_F_HASH_REPORT", "VIRTIO_NET_F_RSS",
+    "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO", "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM",
+    "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO", "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM"))
+
+
+def _nic_fields(status: object, device: str, notes: list[str]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    if isinstance(status, dict):
-        for key, which in (("offered", "host-features"), ("negotiated", "guest-features"),
-                           ("backend_features", "backend-features")):
-            block = await _try(_parse_async(status.get(which), f"{device} {which}"), notes, which)
-            fields[key] = None if block is None else block
-        fields["driver_status"] = await _try(_status_async(status.get("status")), notes, "driver status")
-    elif status is not None:
-        notes.append("x-query-virtio-status: reply is not an object")
-    offered: int | None = fields.get("offered")
-    types = {p.get("name"): p.get("type") for p in plist if isinstance(p, dict)} if isinstance(plist, list) else {}
-    if plist is not None and not types:
-        notes.append("qom-list: no properties in the reply")
-    props: dict[str, Tri] = {}
+    if not isinstance(status, dict):
+        if status is not None:
+            notes.append("x-query-virtio-status: reply is not an object")
+        return fields
+    for key, which in (("offered", "host-features"), ("negotiated", "guest-features"),
+                       ("backend_features", "backend-features")):
+        try:
+            fields[key] = parse_feature_block(status.get(which), where=f"{device} {which}").bitmap
+        except ReplyError as err:
+            notes.append(f"{which}: {err}")
+    try:
+        fields["driver_status"] = parse_status(status.get("status"))
+    except ReplyError as err:
+        notes.append(f"driver status: {err}")
+    if status.get("vhost-started") is True or fields.get("backend_features"):
+        fields["backend"] = "vhost"
+    return fields
+
+
+def _plan(types: dict[str, str], fields: dict[str, Any]) -> tuple[dict[str, Tri], list[str]]:
+    """Property values implied by the offered bitmap, and the properties that must be read."""
+    offered = fields.get("offered")
+    vhost = fields.get("backend") == "vhost"
+    implied: dict[str, Tri] = {}
     to_read = []
     for name, feature in BY_PROPERTY.items():
         if name not in types:
             continue  # this QEMU has no such property (e.g. host_uso before 8.2)
-        if types[name] == "bool" and offered is not None and offered >> feature.bit & 1:
-            props[name] = Tri.ON  # implied: an offered bit's boolean property is on
-        else:
+        if types[name] != "bool" or offered is None:
             to_read.append(name)
+        elif offered >> feature.bit & 1:
+            implied[name] = Tri.ON  # QEMU offers a bit only if its property is on
+        elif vhost or _CLEARABLE >> feature.bit & 1:
+            to_read.append(name)  # off, or on and silently cleared: only QEMU can say
+        else:
+            implied[name] = Tri.OFF
+    return implied, to_read
+
+
+async def _read_props(qmp: ReadOnlyQMP, path: str, names: list[str], props: dict[str, Tri],
+                      notes: list[str]) -> None:
     values = await asyncio.gather(*(_try(qmp.execute("qom-get", {"path": path, "property": name}), notes,
-                                         f"property {name}") for name in [*to_read, "netdev"]))
-    for name, value in zip(to_read, values, strict=False):
+                                         f"property {name}") for name in names))
+    for name, value in zip(names, values, strict=True):
         if value is None:
             continue
         try:
             props[name] = parse_tri(value)
         except ValueError as err:
             notes.append(f"property {name}: {err}")
-    netdev = values[-1] if isinstance(values[-1], str) and values[-1] else None
-    return NicReport.make(qdev_id, device, properties=props, unreadable=notes, netdev_id=netdev, **fields)
-
-
-async def _parse_async(block: object, where: str) -> int:
-    return parse_feature_block(block, where=where).bitmap
-
-
-async def _status_async(status: object) -> int:
-    return parse_status(status)
 
 
 async def probe_vm(qmp: ReadOnlyQMP, *, host: str) -> VmReport:
@@ -120,9 +140,29 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str) -> VmReport:
                 paths.append(dev["path"])
     elif devices is not None:
         notes.append("x-query-virtio: reply is not a list")
-    nics = await asyncio.gather(*(_probe_nic(qmp, path) for path in paths))
+    nic_notes: list[list[str]] = [[] for _ in paths]
+    # Every backend is a virtio-net-device: one qom-list tells the properties (and types) of all of them.
+    statuses = await asyncio.gather(
+        *(_try(qmp.execute("x-query-virtio-status", {"path": p}), n, "x-query-virtio-status")
+          for p, n in zip(paths, nic_notes, strict=True)),
+        _try(qmp.execute("qom-list", {"path": paths[0]}), notes, "qom-list") if paths else _none())
+    plist = statuses[-1]
+    types = {str(p.get("name")): str(p.get("type")) for p in plist if isinstance(p, dict)} \
+        if isinstance(plist, list) else {}
+    if paths and not types:
+        notes.append("qom-list: the virtio-net properties could not be listed")
+    nics_fields = [_nic_fields(st, _device_path(p)[1], n) for p, st, n in zip(paths, statuses, nic_notes, strict=False)]
+    plans = [_plan(types, f) for f in nics_fields]
+    await asyncio.gather(*(_read_props(qmp, p, to_read, implied, n)
+                           for p, (implied, to_read), n in zip(paths, plans, nic_notes, strict=True)))
     try:
-        return VmReport(host, qemu_version, package, machine_type, tuple(nics), tuple(notes),
+        nics = tuple(NicReport.make(*_device_path(p), properties=implied, unreadable=n, **f)
+                     for p, (implied, _), n, f in zip(paths, plans, nic_notes, nics_fields, strict=True))
+        return VmReport(host, qemu_version, package, machine_type, nics, tuple(notes),
                         devices_known=isinstance(devices, list))
     except (TypeError, ValueError) as err:
         raise ReplyError(f"{host}: QEMU's answers do not make a valid report: {err}") from err
+
+
+async def _none() -> None:
+    return None

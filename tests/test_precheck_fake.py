@@ -86,7 +86,7 @@ async def test_qemu_older_than_7_2_is_unknown_unless_already_blocked(serve: Serv
 
 
 async def test_onoffauto_string_properties_of_a_future_qemu(serve: Serve) -> None:
-    real_list = load_transcript(TRANSCRIPT)[("qom-list", json.dumps({"path": NET0}, sort_keys=True))]["return"]
+    real_list = next(r["return"] for (cmd, _), r in load_transcript(TRANSCRIPT).items() if cmd == "qom-list")
     onoffauto = {"host_uso", "guest_uso4", "guest_uso6", "csum"}
 
     def qom_list(args: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def with_tunnel_bits(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def tunnel_props(args: dict[str, Any]) -> dict[str, Any]:
-    real = load_transcript(TRANSCRIPT)[("qom-list", json.dumps(args, sort_keys=True))]["return"]
+    real = next(r["return"] for (cmd, _), r in load_transcript(TRANSCRIPT).items() if cmd == "qom-list")
     extra = [{"name": n, "type": "bool"} for n in ("guest_tunnel", "guest_tunnel_csum", "host_tunnel",
                                                    "host_tunnel_csum")]
     return {"return": real + extra}

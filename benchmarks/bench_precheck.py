@@ -1,0 +1,119 @@
+"""Precheck speed: against real QEMU (ratio to the QMP floor) and over a fleet of fake-served VM pairs.
+
+Run as root after scripts/setup.sh:  .venv/bin/python benchmarks/bench_precheck.py
+
+1. One VM with 4 NICs on real QEMU 10, source and destination: a full precheck against the floor, which is
+   connect + QMP negotiation + one query-version on both sides concurrently (target <= 2.0x).
+2. 1,000 VM pairs served by the fake QMP server (a separate process replaying a real QEMU's answers for a 4-NIC
+   VM): prechecks per second and peak Python memory at 50, 200 and 1,000 pairs, 32 at a time. The cost per pair
+   should stay flat (linear growth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from qemu_offload_handshake.api import precheck
+from qemu_offload_handshake.lab import Lab, Nic, VmSpec, prerequisites
+from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+CONCURRENCY = 32
+
+
+async def best_of(n: int, fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+async def floor(src: str, dst: str, commands: int = 1) -> None:
+    async def one(address: str) -> None:
+        async with ReadOnlyQMP(parse_address(address)) as qmp:
+            await asyncio.gather(*(qmp.execute("query-version") for _ in range(commands)))
+    await asyncio.gather(one(src), one(dst))
+
+
+async def commands_per_side(address: str) -> int:
+    from qemu_offload_handshake.probe import probe_vm
+    async with ReadOnlyQMP(parse_address(address)) as qmp:
+        await probe_vm(qmp, host="count")
+        return len(qmp.sent)
+
+
+async def real_qemu() -> None:
+    problems = prerequisites(guest=True, qemu72=False)
+    if problems:
+        print(f"1. real QEMU: skipped ({'; '.join(problems)})")
+        return
+    async with Lab() as lab:
+        spec = VmSpec(nics=tuple(Nic(f"net{i}") for i in range(4)))
+        src = await lab.start(spec)
+        dst = await lab.start(spec.destination())
+        verdict = await precheck(src.address, dst.address)
+        assert verdict.verdict == "compatible", verdict.findings
+        n = await commands_per_side(src.address)
+        f_best, f_med = await best_of(30, lambda: floor(src.address, dst.address))
+        n_best, n_med = await best_of(30, lambda: floor(src.address, dst.address, n))
+        p_best, p_med = await best_of(30, lambda: precheck(src.address, dst.address))
+    print("1. real QEMU 10, one VM with 4 NICs on each side (best of 30 / median)")
+    print(f"   floor (connect, negotiate, query-version, both sides): {f_best * 1e3:6.2f} / {f_med * 1e3:6.2f} ms")
+    print(f"   same with {n} query-version per side (the precheck's command count): "
+          f"{n_best * 1e3:6.2f} / {n_med * 1e3:6.2f} ms")
+    print(f"   precheck ({n} read-only commands per side, 3 rounds):   {p_best * 1e3:6.2f} / {p_med * 1e3:6.2f} ms")
+    print(f"   ratio to the floor: {p_best / f_best:.2f}x best, {p_med / f_med:.2f}x median  (target <= 2.0x)")
+    print(f"   ratio to {n} commands' floor: {p_best / n_best:.2f}x best, {p_med / n_med:.2f}x median")
+
+
+async def fleet() -> None:
+    with tempfile.TemporaryDirectory(prefix="qoh-bench-") as tmp:
+        sock = f"{tmp}/fake.sock"
+        server = subprocess.Popen([sys.executable, str(TESTS / "fakeqmp.py"), "qemu10-4nics-booted", sock],  # noqa: ASYNC220
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            address = f"unix:{sock}"
+            limit = asyncio.Semaphore(CONCURRENCY)
+
+            async def one() -> None:
+                async with limit:
+                    verdict = await precheck(address, address, timeout=30)
+                    if verdict.verdict != "compatible":
+                        raise RuntimeError(f"fleet precheck: {verdict.verdict} {verdict.findings[:2]}")
+
+            print(f"2. fleet served by the fake QMP server (4 NICs per VM, {CONCURRENCY} prechecks at a time)")
+            per_pair = {}
+            for pairs in (50, 200, 1000):
+                tracemalloc.start()
+                start = time.perf_counter()
+                await asyncio.gather(*(one() for _ in range(pairs)))
+                elapsed = time.perf_counter() - start
+                _, peak = tracemalloc.get_traced_memory()
+                tracemalloc.stop()
+                per_pair[pairs] = elapsed / pairs
+                print(f"   {pairs:5d} pairs: {pairs / elapsed:7.1f} prechecks/s, {elapsed:6.2f} s, "
+                      f"peak Python memory {peak / 2**20:6.1f} MiB")
+            print(f"   cost per pair, 1,000 vs 50: {per_pair[1000] / per_pair[50]:.2f}x (1.0 = linear)")
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+async def main() -> None:
+    await real_qemu()
+    await fleet()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
