@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${QOH_CACHE:-$ROOT/.cache}
 export DEBIAN_FRONTEND=noninteractive
+APT_DOWNLOAD=(apt-get download -q -o APT::Sandbox::User=root)  # into our cache folder, which _apt cannot write
 log() { printf 'setup: %s\n' "$*" >&2; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
@@ -20,6 +21,9 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok
 add_source() { # name suite pin(optional)
   local file=/etc/apt/sources.list.d/$1.sources
   [ -e "$file" ] && return 0
+  # Already configured by the machine's owner (any file, either format)?
+  grep -rqsE "^(Suites:.*[[:space:]]|deb .*[[:space:]])$2([[:space:]]|\$)" /etc/apt/sources.list /etc/apt/sources.list.d/ \
+    && return 0
   local uri
   uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   [ -n "$uri" ] || uri=http://deb.debian.org/debian
@@ -64,7 +68,7 @@ if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then
     ver=$(apt-cache madison "$p" | awk -F'|' '{gsub(/ /,"",$2)} $2 ~ /^1:7\.2\+/ {print $2}' | sort -V | tail -n 1)
     [ -n "$ver" ] || die "no QEMU 7.2 package $p in the apt sources"
     log "downloading $p=$ver"
-    (cd "$CACHE/debs/q72" && apt-get download -q "$p=$ver" >/dev/null)
+    (cd "$CACHE/debs/q72" && "${APT_DOWNLOAD[@]}" "$p=$ver" >/dev/null)
   done
   for d in "$CACHE"/debs/q72/*.deb; do dpkg-deb -x "$d" "$Q72"; done
   # Libraries QEMU 7.2 links against that the system lacks (e.g. on Debian 13) are unpacked beside it and
@@ -74,7 +78,7 @@ if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then
   for p in $deps; do
     have_pkg "$p" && continue
     log "unpacking library $p for QEMU 7.2"
-    (cd "$CACHE/debs/q72" && apt-get download -q "$p" >/dev/null 2>&1) || log "warning: could not download $p"
+    (cd "$CACHE/debs/q72" && "${APT_DOWNLOAD[@]}" "$p" >/dev/null 2>&1) || log "warning: could not download $p"
   done
   for d in "$CACHE"/debs/q72/*.deb; do dpkg-deb -x "$d" "$Q72"; done
   notfound=$(LD_LIBRARY_PATH=$Q72/usr/lib/x86_64-linux-gnu:$Q72/lib/x86_64-linux-gnu \
@@ -91,7 +95,7 @@ if [ ! -e "$GUEST/.complete" ]; then
   [ -n "$kpkg" ] || die "cannot resolve $KMETA to a kernel package"
   log "downloading guest kernel $kpkg"
   rm -rf "$GUEST" "$CACHE/debs/kernel"; mkdir -p "$CACHE/debs/kernel" "$GUEST"
-  (cd "$CACHE/debs/kernel" && apt-get download -q "$kpkg" >/dev/null)
+  (cd "$CACHE/debs/kernel" && "${APT_DOWNLOAD[@]}" "$kpkg" >/dev/null)
   dpkg-deb -x "$CACHE"/debs/kernel/*.deb "$CACHE/debs/kernel/root"
   kdir=$(ls -d "$CACHE"/debs/kernel/root/lib/modules/* 2>/dev/null | head -n 1)
   [ -n "$kdir" ] || kdir=$(ls -d "$CACHE"/debs/kernel/root/usr/lib/modules/* | head -n 1)
