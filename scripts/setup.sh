@@ -136,7 +136,8 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" 
   log "creating $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" > "$CACHE/pip.log" 2>&1 \
+    || { cat "$CACHE/pip.log" >&2; die "pip install failed (log above)"; }
   touch "$stamp"
 fi
 log "ready: $(qemu-system-x86_64 --version | head -n 1); QEMU 7.2 in $Q72; guest kernel $(cat "$GUEST/kernel-version")"
