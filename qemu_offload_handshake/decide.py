@@ -3,9 +3,9 @@
 What QEMU checks when the destination loads a virtio-net device (``hw/net/virtio-net.c`` and
 ``hw/virtio/virtio.c``), and so what decides whether a migration *loads*:
 
-* ``virtio_load`` -> ``virtio_set_features_nocheck``: the features the guest negotiated on the source must all
-  be offered by the destination, else ``Features 0x... unsupported. Allowed features: 0x...``. With no driver
-  (negotiated = 0) this passes, whatever the destination offers.
+* ``virtio_load`` -> ``virtio_set_features_nocheck``: the features the guest negotiated on the source (its saved
+  guest features) must all be offered by the destination, else ``Features 0x... unsupported. Allowed features:
+  0x...``. With no driver (negotiated = 0) this passes, whatever the destination offers.
 * ``virtio_net_vnet_post_load``: a source whose peer had a virtio-net header needs one on the destination, else
   ``virtio-net: saved image requires vnet_hdr=on`` (even with no driver).
 * ``virtio_net_ufo_post_load``: likewise for UFO: ``saved image requires TUN_F_UFO support``.
@@ -150,7 +150,7 @@ class _Collector:
 
 def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why: str, bit: int,
                  src: NicReport, dst: NicReport) -> None:
-    negotiated = None if src.negotiated is None or not src.features_ok else bool(src.negotiated >> bit & 1)
+    negotiated = None if src.negotiated is None else bool(src.negotiated >> bit & 1)
     feature = BY_BIT.get(bit)
     c.add(device, severity, code, why, feature=feature.name if feature else None, bit=bit,
           source=_state(src.offered, bit), dest=_state(dst.offered, bit), negotiated=negotiated)
@@ -170,10 +170,12 @@ def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
 
 def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> None:
     """The conditions under which QEMU itself refuses to load the device."""
-    if src.driver_status is None or (src.features_ok and src.negotiated is None):
+    # QEMU checks the saved guest features whatever the driver status (a driver that wrote its features but has
+    # not set FEATURES_OK yet counts too); a device reset clears them (virtio_reset).
+    if src.negotiated is None:
         c.add(key, Severity.UNKNOWN, "negotiated-unknown",
               "the guest's negotiated features on the source could not be read.")
-    elif src.features_ok and src.negotiated is not None and dst.offered is not None:
+    elif dst.offered is not None:
         for bit in bits_of(src.negotiated & ~dst.offered):
             _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
                          f"the guest uses it and the destination does not offer it ({_cause(bit)}): QEMU will "
@@ -202,7 +204,7 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
     overrides: dict[str, str] = {}
     missing = src.offered & ~dst.offered
     for bit in bits_of(missing):
-        negotiated = src.features_ok and src.negotiated is not None and bool(src.negotiated >> bit & 1)
+        negotiated = src.negotiated is not None and bool(src.negotiated >> bit & 1)
         if negotiated:
             continue  # already a blocker from the load checks
         severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING

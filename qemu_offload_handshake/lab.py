@@ -65,7 +65,7 @@ def cache_dir() -> Path:
 class Nic:
     """One virtio-net NIC: its qdev id, its backend and extra ``-device`` properties."""
 
-    id: str
+    id: str  # "" for a device created without an id (QEMU puts it under /machine/peripheral-anon)
     backend: Backend = "tap"
     props: tuple[tuple[str, str], ...] = ()
     driver: str = "virtio-net-pci"
@@ -157,8 +157,8 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: QEMU dies with us, whatever happens
 
 
-def leftovers() -> tuple[list[int], list[str]]:
-    """Pids of live lab QEMUs and names of lab taps on this machine (from this or an earlier run)."""
+def leftovers() -> tuple[list[int], list[str], list[str]]:
+    """Pids of live lab QEMUs, names of lab taps, and lab/test socket folders (from this or an earlier run)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -171,7 +171,8 @@ def leftovers() -> tuple[list[int], list[str]]:
             pids.append(int(proc.name))
     taps = sorted(p.name for p in Path("/sys/class/net").iterdir()
                   if p.name.startswith(TAP_PREFIX) and (p / "tun_flags").exists())
-    return pids, taps
+    dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob("qoh-*"))
+    return pids, taps, dirs
 
 
 def _ip(*args: str) -> None:
@@ -219,12 +220,13 @@ class Vm:
             raise LabError(f"{self.name}: {command} failed: {err!r}; stderr: {self.stderr_text()}") from err
 
     async def virtio_paths(self) -> dict[str, str]:
-        """qdev id -> QOM path of the virtio backend, for every virtio-net device of this VM."""
+        """qdev id (QOM path of the device when it has no id) -> QOM path of its virtio backend."""
         paths = {}
         for dev in await self.execute("x-query-virtio"):
-            m = re.match(r"/machine/peripheral/([^/]+)/", dev["path"])
-            if dev["name"] == "virtio-net" and m:
-                paths[m.group(1)] = dev["path"]
+            if dev["name"] != "virtio-net":
+                continue
+            m = re.match(r"/machine/peripheral/([^/]+)/virtio-backend$", dev["path"])
+            paths[m.group(1) if m else dev["path"].removesuffix("/virtio-backend")] = dev["path"]
         return paths
 
     async def features(self, which: str = "host-features") -> dict[str, int]:
@@ -275,6 +277,10 @@ class Lab:
         self._taps.append(name)
         return name
 
+    @staticmethod
+    def _nic_key(nic: Nic, index: int) -> str:
+        return nic.id or f"#{index}"
+
     def _argv(self, spec: VmSpec, name: str, vmdir: Path, taps: Mapping[str, str]) -> list[str]:
         build = _build(spec.qemu)
         guest = cache_dir() / "guest"
@@ -290,14 +296,15 @@ class Lab:
                 "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz"),
                 "-append", "console=ttyS0 panic=-1 quiet"]
         for index, nic in enumerate(spec.nics):
-            netdev = f"hn-{nic.id}"
+            netdev = f"hn{index}"
             if nic.backend == "user":
                 argv += ["-netdev", f"user,id={netdev}"]
             else:
-                argv += ["-netdev", f"tap,id={netdev},ifname={taps[nic.id]},script=no,downscript=no"]
+                argv += ["-netdev", f"tap,id={netdev},ifname={taps[self._nic_key(nic, index)]},script=no,downscript=no"]
             props = "".join(f",{k}={v}" for k, v in nic.props)
             mac = f"52:54:00:12:34:{index + 0x10:02x}"
-            argv += ["-device", f"{nic.driver},id={nic.id},netdev={netdev},mac={mac}{props}"]
+            qdev_id = f",id={nic.id}" if nic.id else ""
+            argv += ["-device", f"{nic.driver}{qdev_id},netdev={netdev},mac={mac}{props}"]
         if spec.mode == "paused":
             argv.append("-S")
         elif spec.mode == "incoming":
@@ -313,12 +320,12 @@ class Lab:
         name = f"{NAME_PREFIX}{os.getpid()}-{self._count}"
         vmdir = self.dir / name
         vmdir.mkdir()
-        taps = {n.id: self._new_tap() for n in spec.nics if n.backend != "user"}
+        taps = {self._nic_key(n, i): self._new_tap() for i, n in enumerate(spec.nics) if n.backend != "user"}
         argv = [*self._argv(spec, name, vmdir, taps), *extra_args]
         if rewrite is not None:
             argv = rewrite(argv)
         env = dict(os.environ) | dict(_build(spec.qemu).env)
-        nouso = [taps[n.id] for n in spec.nics if n.backend == "tap-nouso"]
+        nouso = [taps[self._nic_key(n, i)] for i, n in enumerate(spec.nics) if n.backend == "tap-nouso"]
         if nouso:
             env["LD_PRELOAD"] = str(cache_dir() / "nouso.so")
             env["QOH_NOUSO_TAPS"] = ",".join(nouso)

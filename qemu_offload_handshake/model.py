@@ -149,14 +149,6 @@ class NicReport:
                 return tri
         return Tri.UNSET
 
-    @property
-    def driver_ok(self) -> bool:
-        return self.driver_status is not None and bool(self.driver_status & 4)
-
-    @property
-    def features_ok(self) -> bool:
-        return self.driver_status is not None and bool(self.driver_status & 8)
-
 
 @dataclass(frozen=True, slots=True)
 class VmReport:

@@ -20,7 +20,7 @@ from fakeqmp import TRANSCRIPT, FakeQMP, load_transcript
 Serve = Callable[..., Awaitable[str]]
 
 CI = os.environ.get("CI", "").lower() == "true"
-_before: tuple[list[int], list[str]] = ([], [])
+_before: tuple[list[int], list[str], list[str]] = ([], [], [])
 
 
 def require_lab(*, guest: bool = True, qemu72: bool = True) -> None:
@@ -46,11 +46,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    pids, taps = lab.leftovers()
-    new_pids = sorted(set(pids) - set(_before[0]))
-    new_taps = sorted(set(taps) - set(_before[1]))
-    if new_pids or new_taps:
-        print(f"\nLEAK: the run left QEMU processes {new_pids} and tap devices {new_taps} behind")
+    pids, taps, dirs = lab.leftovers()
+    new = (sorted(set(pids) - set(_before[0])), sorted(set(taps) - set(_before[1])),
+           sorted(set(dirs) - set(_before[2])))
+    if any(new):
+        print(f"\nLEAK: the run left QEMU processes {new[0]}, tap devices {new[1]} and socket folders {new[2]} behind")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -102,6 +102,18 @@ async def test_several_nics_one_bad_names_only_that_one(qlab: Lab) -> None:
     assert result.status == "failed"
 
 
+async def test_devices_without_an_id_are_matched_by_qom_path(qlab: Lab) -> None:
+    spec = VmSpec(mode="booted", nics=(Nic("net0"), Nic("")))
+    verdict, result = await check_then_migrate(qlab, spec, spec.destination())
+    assert verdict.verdict == "compatible", verdict.findings
+    assert verdict.source is not None
+    assert sorted(n.key for n in verdict.source.nics) == ["/machine/peripheral-anon/device[0]", "net0"]
+    assert result.status == "completed"
+    bad, result = await check_then_migrate(qlab, spec, spec.destination({"": "tap-nouso"}))
+    assert {device for device, _ in blockers(bad)} == {"/machine/peripheral-anon/device[0]"}
+    assert result.status == "failed"
+
+
 async def test_missing_nic_is_blocked(qlab: Lab) -> None:
     spec = VmSpec(nics=(Nic("net0"), Nic("net1")))
     verdict, result = await check_then_migrate(qlab, spec, VmSpec(nics=(Nic("net0"),)).destination())
