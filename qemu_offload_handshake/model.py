@@ -151,22 +151,31 @@ class NicReport:
 
 
 @dataclass(frozen=True, slots=True)
-class VmReport:
+class _Side:
+    """What identifies one side: the host and its QEMU."""
+
     host: str
     qemu_version: tuple[int, int, int] | None
     package: str | None
     machine: str | None
+
+    def _check_side(self) -> None:
+        _check_str("host", self.host)
+        _check_version(self.qemu_version)
+        _check_str("package", self.package, optional=True)
+        _check_str("machine", self.machine, optional=True)
+
+
+@dataclass(frozen=True, slots=True)
+class VmReport(_Side):
     nics: tuple[NicReport, ...] = ()
     unreadable: tuple[str, ...] = ()
     devices_known: bool = True  # False: the device list itself could not be read (``nics`` is then empty)
 
     def __post_init__(self) -> None:
-        _check_str("host", self.host)
+        self._check_side()
         if not isinstance(self.devices_known, bool) or (not self.devices_known and self.nics):
             raise ValueError("devices_known must be a bool, and False only with no NICs")
-        _check_version(self.qemu_version)
-        _check_str("package", self.package, optional=True)
-        _check_str("machine", self.machine, optional=True)
         _check_items("nics", self.nics)
         for nic in self.nics:
             if not isinstance(nic, NicReport):
@@ -194,18 +203,11 @@ def _check_version(version: tuple[int, int, int] | None) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class HostCapabilities:
-    host: str
-    qemu_version: tuple[int, int, int] | None
-    package: str | None
-    machine: str | None
+class HostCapabilities(_Side):
     offers: tuple[tuple[str, int], ...] = field(default=())  # (backend kind, offered bitmap), sorted
 
     def __post_init__(self) -> None:
-        _check_str("host", self.host)
-        _check_version(self.qemu_version)
-        _check_str("package", self.package, optional=True)
-        _check_str("machine", self.machine, optional=True)
+        self._check_side()
         _check_items("offers", self.offers)
         kinds = [k for k, _ in self.offers]
         if kinds != sorted(set(kinds)):

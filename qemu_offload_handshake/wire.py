@@ -179,41 +179,42 @@ class _Blob(_Leaf):
         return obj
 
 
-class _Text(_Leaf):
-    """UTF-8 text of at most ``limit`` bytes; invalid UTF-8 is an error, not a replacement character."""
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise cs.ValidationError(f"invalid UTF-8 at byte {err.start}") from None
 
-    def __init__(self, limit: int) -> None:
+
+def _bitmap(raw: bytes) -> int:
+    if raw and raw[-1] == 0:
+        raise cs.ValidationError("bitmap has a trailing zero byte (not minimal)")
+    return int.from_bytes(raw, "little")
+
+
+class _Mapped(_Leaf):
+    """A ``_Blob`` seen as another value: ``load`` checks and converts the bytes, ``dump`` gives them back."""
+
+    def __init__(self, limit: int, load: Callable[[bytes], Any], dump: Callable[[Any], bytes]) -> None:
         super().__init__()
-        self.blob = _Blob(limit)
+        self.blob, self.load, self.dump = _Blob(limit), load, dump
 
-    def read(self, stream: Any) -> str:
-        raw = self.blob.read(stream)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise cs.ValidationError(f"invalid UTF-8 at byte {err.start}") from None
+    def read(self, stream: Any) -> Any:
+        return self.load(self.blob.read(stream))
 
-    def write(self, obj: str, stream: Any) -> str:
-        self.blob.write(obj.encode("utf-8"), stream)
+    def write(self, obj: Any, stream: Any) -> Any:
+        self.blob.write(self.dump(obj), stream)
         return obj
 
 
-class _Bitmap(_Leaf):
-    """A bitmap of any width up to ``limit`` bytes: little-endian, minimal (no trailing zero byte)."""
+def _Text(limit: int) -> _Mapped:
+    """UTF-8 text; invalid UTF-8 is an error, not a replacement character."""
+    return _Mapped(limit, _utf8, lambda text: text.encode("utf-8"))
 
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.blob = _Blob(limit)
 
-    def read(self, stream: Any) -> int:
-        raw = self.blob.read(stream)
-        if raw and raw[-1] == 0:
-            raise cs.ValidationError("bitmap has a trailing zero byte (not minimal)")
-        return int.from_bytes(raw, "little")
-
-    def write(self, obj: int, stream: Any) -> int:
-        self.blob.write(obj.to_bytes((obj.bit_length() + 7) // 8, "little"), stream)
-        return obj
+def _Bitmap(limit: int) -> _Mapped:
+    """A bitmap of any width: little-endian bytes, minimal (no trailing zero byte)."""
+    return _Mapped(limit, _bitmap, lambda n: n.to_bytes((n.bit_length() + 7) // 8, "little"))
 
 
 class _Sized(cs.Subconstruct):  # type: ignore[misc]
