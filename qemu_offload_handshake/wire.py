@@ -64,6 +64,9 @@ Record = VmReport | HostCapabilities | CapabilitySet
 
 # ------------------------------------------------------------------------------------------------ leaves
 
+_BYTES = [bytes((i,)) for i in range(256)]
+
+
 def _read_exact(stream: Any, n: int) -> bytes:
     data: bytes = stream.read(n)
     if len(data) != n:
@@ -135,6 +138,9 @@ class _VarInt(_Leaf):
     def write(self, obj: int, stream: Any) -> int:
         if isinstance(obj, bool) or not isinstance(obj, int) or not 0 <= obj <= self.limit:
             raise cs.ValidationError(f"value {obj!r} out of range 0..{self.limit}")
+        if obj < 0x80:
+            stream.write(_BYTES[obj])
+            return obj
         out = bytearray()
         value = obj
         while True:
