@@ -13,7 +13,7 @@ import contextlib
 import re
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
@@ -69,7 +69,7 @@ class ReadOnlyQMP:
         self.sent: list[str] = []  # every command sent, in order (for diagnostics)
         self._client = QMPClient()
 
-    async def __aenter__(self) -> ReadOnlyQMP:
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
