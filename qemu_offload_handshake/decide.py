@@ -164,7 +164,8 @@ def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
         if feature is None or tri is not Tri.ON or nic.offered >> feature.bit & 1:
             continue
         c.add(nic.key, Severity.WARNING, "silently-off",
-              f"{prop}=on, yet the {side} QEMU silently does not offer it: {_cause(feature.bit)}.",
+              f"its property is on (set or by default), yet the {side} QEMU silently does not offer it: "
+              f"{_cause(feature.bit)}.",
               feature=feature.name, bit=feature.bit, **{"source" if side == "source" else "dest": "on, not offered"})
 
 
