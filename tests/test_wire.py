@@ -150,9 +150,11 @@ FUZZ = """
 import random, sys
 sys.path.insert(0, {tests!r})
 from test_wire import GOLDEN_VM, mutations, VM
-from qemu_offload_handshake import DecodeError, decode, encode
+from qemu_offload_handshake import CapabilitySet, DecodeError, HostCapabilities, decode, encode
 rng = random.Random({seed})
-seeds = [GOLDEN_VM, encode(VM, key=b"k")]
+hosts = tuple(HostCapabilities(f"h{{i}}", (10, 0, i), "pkg", "q35", (("tap", 0xFF << i), ("user", 3)))
+              for i in range(3))
+seeds = [GOLDEN_VM, encode(VM, key=b"k"), encode(hosts[0]), encode(CapabilitySet(hosts))]
 for i in range({n}):
     data = mutations(rng.choice(seeds), rng)
     try:
