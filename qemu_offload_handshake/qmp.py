@@ -25,7 +25,6 @@ __all__ = ["READ_ONLY_COMMANDS", "Address", "ReadOnlyQMP", "parse_address"]
 # qom-list and qom-get return values and change nothing).
 READ_ONLY_COMMANDS = frozenset({
     "query-version",
-    "query-status",
     "x-query-virtio",
     "x-query-virtio-status",
     "qom-list",

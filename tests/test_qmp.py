@@ -1,0 +1,32 @@
+"""The read-only QMP connection: the allowlist holds before anything is sent; addresses parse or say why not."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import Serve
+from qemu_offload_handshake import CommandNotAllowedError, UsageError
+from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
+
+
+async def test_a_command_outside_the_allowlist_is_refused_before_it_is_sent(serve: Serve) -> None:
+    address = await serve()
+    async with ReadOnlyQMP(parse_address(address)) as qmp:
+        for command in ("quit", "stop", "migrate", "device_del", "qom-set", "human-monitor-command"):
+            with pytest.raises(CommandNotAllowedError, match=command):
+                await qmp.execute(command)
+        assert qmp.sent == []
+
+
+@pytest.mark.parametrize(("text", "parsed"), [
+    ("unix:/run/qmp.sock", "/run/qmp.sock"), ("/run/qmp.sock", "/run/qmp.sock"), ("qmp.sock", "qmp.sock"),
+    ("tcp:10.0.0.2:4444", ("10.0.0.2", 4444)), ("tcp:[::1]:4444", ("::1", 4444)),
+])
+def test_addresses(text: str, parsed: object) -> None:
+    assert parse_address(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["", " ", "tcp:host", "tcp:host:0", "tcp:host:65536", "ssh:host", "unix:"])
+def test_bad_addresses_name_the_problem(text: str) -> None:
+    with pytest.raises(UsageError, match="QMP address|empty"):
+        parse_address(text)
