@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import Serve
+
 from qemu_offload_handshake import CommandNotAllowedError, UsageError
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 
@@ -28,5 +28,5 @@ def test_addresses(text: str, parsed: object) -> None:
 
 @pytest.mark.parametrize("text", ["", " ", "tcp:host", "tcp:host:0", "tcp:host:65536", "ssh:host", "unix:"])
 def test_bad_addresses_name_the_problem(text: str) -> None:
-    with pytest.raises(UsageError, match="QMP address|empty"):
+    with pytest.raises(UsageError, match=r"QMP address|empty"):
         parse_address(text)
