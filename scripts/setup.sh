@@ -93,10 +93,14 @@ if [ ! -e "$GUEST/.complete" ]; then
   apt_update
   kpkg=$(apt-cache depends "$KMETA" | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$kpkg" ] || die "cannot resolve $KMETA to a kernel package"
-  log "downloading guest kernel $kpkg"
-  rm -rf "$GUEST" "$CACHE/debs/kernel"; mkdir -p "$CACHE/debs/kernel" "$GUEST"
-  (cd "$CACHE/debs/kernel" && "${APT_DOWNLOAD[@]}" "$kpkg" >/dev/null)
-  dpkg-deb -x "$CACHE"/debs/kernel/*.deb "$CACHE/debs/kernel/root"
+  rm -rf "$GUEST" "$CACHE/debs/kernel/root"; mkdir -p "$CACHE/debs/kernel" "$GUEST"
+  if ! ls "$CACHE/debs/kernel/${kpkg}_"*.deb >/dev/null 2>&1; then
+    log "downloading guest kernel $kpkg"
+    rm -f "$CACHE"/debs/kernel/*.deb
+    (cd "$CACHE/debs/kernel" && "${APT_DOWNLOAD[@]}" "$kpkg" >/dev/null)
+  fi
+  log "building the test guest from $kpkg"
+  dpkg-deb -x "$CACHE"/debs/kernel/"${kpkg}"_*.deb "$CACHE/debs/kernel/root"
   kdir=$(ls -d "$CACHE"/debs/kernel/root/lib/modules/* 2>/dev/null | head -n 1)
   [ -n "$kdir" ] || kdir=$(ls -d "$CACHE"/debs/kernel/root/usr/lib/modules/* | head -n 1)
   kver=$(basename "$kdir")
