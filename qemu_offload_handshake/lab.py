@@ -35,11 +35,13 @@ __all__ = [
     "LabError",
     "Migration",
     "Nic",
+    "QemuBuild",
     "Vm",
     "VmSpec",
     "cache_dir",
     "leftovers",
     "prerequisites",
+    "qemu_build",
 ]
 
 Backend = Literal["tap", "tap-nouso", "user"]
@@ -107,18 +109,20 @@ class Migration:
 
 
 @dataclass(frozen=True, slots=True)
-class _Build:
+class QemuBuild:
+    """How to run one QEMU version: its binary, extra environment and extra arguments."""
+
     binary: str
     env: Mapping[str, str]
     args: tuple[str, ...]
 
 
-def _build(version: QemuVersion) -> _Build:
+def qemu_build(version: QemuVersion) -> QemuBuild:
     if version == "10":
         binary = shutil.which("qemu-system-x86_64")
         if binary is None:
             raise LabError("qemu-system-x86_64 (QEMU >= 10) is not installed: run scripts/setup.sh")
-        return _Build(binary, {}, ())
+        return QemuBuild(binary, {}, ())
     root = cache_dir() / "qemu-7.2"
     binary = str(root / "usr/bin/qemu-system-x86_64")
     if not os.access(binary, os.X_OK):
@@ -127,7 +131,7 @@ def _build(version: QemuVersion) -> _Build:
     env = {"QEMU_MODULE_DIR": f"{root}/usr/lib/x86_64-linux-gnu/qemu", "LD_LIBRARY_PATH": libs}
     # Firmware and NIC option ROMs: the system's SeaBIOS and iPXE, then 7.2's own data (NOTES, seen).
     args = ("-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu", "-L", f"{root}/usr/share/qemu")
-    return _Build(binary, env, args)
+    return QemuBuild(binary, env, args)
 
 
 def prerequisites(*, guest: bool = True, qemu72: bool = True) -> list[str]:
@@ -140,7 +144,7 @@ def prerequisites(*, guest: bool = True, qemu72: bool = True) -> list[str]:
     versions: list[QemuVersion] = ["10", "7.2"] if qemu72 else ["10"]
     for version in versions:
         try:
-            _build(version)
+            qemu_build(version)
         except LabError as err:
             problems.append(str(err))
     if guest:
@@ -282,7 +286,7 @@ class Lab:
         return nic.id or f"#{index}"
 
     def _argv(self, spec: VmSpec, name: str, vmdir: Path, taps: Mapping[str, str]) -> list[str]:
-        build = _build(spec.qemu)
+        build = qemu_build(spec.qemu)
         guest = cache_dir() / "guest"
         argv = [build.binary, *build.args, "-name", name, "-nodefaults", "-no-user-config",
                 "-display", "none", "-accel", "tcg", "-machine", spec.machine, "-m", str(spec.memory_mb),
@@ -324,7 +328,7 @@ class Lab:
         argv = [*self._argv(spec, name, vmdir, taps), *extra_args]
         if rewrite is not None:
             argv = rewrite(argv)
-        env = dict(os.environ) | dict(_build(spec.qemu).env)
+        env = dict(os.environ) | dict(qemu_build(spec.qemu).env)
         nouso = [taps[self._nic_key(n, i)] for i, n in enumerate(spec.nics) if n.backend == "tap-nouso"]
         if nouso:
             env["LD_PRELOAD"] = str(cache_dir() / "nouso.so")
