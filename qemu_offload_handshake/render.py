@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .decide import Finding, Verdict
-from .model import NicReport, VmReport
+from .model import CapabilitySet, HostCapabilities, NicReport, VmReport
 
 __all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
 
@@ -17,7 +17,7 @@ def _finding(f: Finding) -> dict[str, Any]:
             "dest": f.dest, "negotiated": f.negotiated, "why": f.why}
 
 
-def _side(report: VmReport | None) -> dict[str, Any] | None:
+def _side(report: VmReport | HostCapabilities | None) -> dict[str, Any] | None:
     if report is None:
         return None
     return {"host": report.host, "qemu_version": ".".join(map(str, report.qemu_version or ())) or None,
@@ -53,12 +53,11 @@ def _nic_json(n: NicReport) -> dict[str, Any]:
 
 def report_json(r: Any) -> dict[str, Any]:
     """Any decoded record as JSON-friendly data (bitmaps as hex strings: JSON numbers lose bits above 53)."""
-    from .model import CapabilitySet, HostCapabilities
     if isinstance(r, VmReport):
         return {"type": "vm", **(_side(r) or {}), "nics": [_nic_json(n) for n in r.nics],
-                "unreadable": list(r.unreadable)}
+                "devices_known": r.devices_known, "unreadable": list(r.unreadable)}
     if isinstance(r, HostCapabilities):
-        return {"type": "host", **(_side(r) or {}), "offers": {k: hex(b) for k, b in r.offers}}  # type: ignore[arg-type]
+        return {"type": "host", **(_side(r) or {}), "offers": {k: hex(b) for k, b in r.offers}}
     if isinstance(r, CapabilitySet):
         return {"type": "set", "hosts": [report_json(h) for h in r.hosts]}
     raise TypeError(f"not a record: {type(r).__name__}")
