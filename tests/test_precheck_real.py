@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,20 @@ async def test_precheck_sends_only_read_only_commands(qlab: Lab) -> None:
         seen = [cmd for mon, cmd in lines if mon != lab_monitor]
         assert "x-query-virtio-status" in seen  # the precheck's commands are in the trace (QEMU's own record)
         assert set(seen) <= READ_ONLY_COMMANDS | {"qmp_capabilities"}, seen
+
+
+async def test_a_stopped_qemu_gives_unknown_within_the_timeout(qlab: Lab) -> None:
+    spec = VmSpec()
+    src = await qlab.start(spec)
+    dst = await qlab.start(spec.destination())
+    os.kill(dst.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        verdict = await precheck(src.address, dst.address, timeout=1.0)
+        assert time.monotonic() - start < 10
+    finally:
+        os.kill(dst.proc.pid, signal.SIGCONT)
+    assert verdict.verdict == "unknown"
+    assert verdict.dest is None
+    assert any("destination could not be probed" in f.why for f in verdict.findings)
+    assert (await precheck(src.address, dst.address)).verdict == "compatible"  # and fine once it runs again
