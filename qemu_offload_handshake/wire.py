@@ -206,7 +206,7 @@ class _Mapped(_Leaf):
         self.blob, self.load, self.dump = _Blob(limit), load, dump
 
     def read(self, stream: Any) -> Any:
-        return self.load(self.blob.read(stream))
+        return self.load(_read_exact(stream, self.blob.length.read(stream)))
 
     def write(self, obj: Any, stream: Any) -> Any:
         self.blob.write(self.dump(obj), stream)
@@ -439,29 +439,32 @@ def _tri(value: int, where: str) -> Tri:
     return tri
 
 
+_PROP_AT = {f.bit: f.prop for f in BY_BIT.values() if f.prop is not None}
+
+
 def _nic_from(obj: Any, index: int) -> NicReport:
-    where = f"nics[{index}]"
     props: dict[str, Tri] = {}
     lo, hi = obj.tri_lo, obj.tri_hi
     both = lo | hi
     while both:
-        bit = (both & -both).bit_length() - 1
-        both &= both - 1
-        feature = BY_BIT.get(bit)
-        if feature is None or feature.prop is None:
-            raise DecodeError(f"tri-state for bit {bit}, which has no property", field=f"{where}.tri")
-        props[feature.prop] = _tri((lo >> bit & 1) | (hi >> bit & 1) << 1, f"{where}.tri")
+        low = both & -both
+        both ^= low
+        name = _PROP_AT.get(low.bit_length() - 1)
+        if name is None:
+            raise DecodeError(f"tri-state for bit {low.bit_length() - 1}, which has no property",
+                              field=f"nics[{index}].tri")
+        props[name] = _TRIS[(1 if lo & low else 0) | (2 if hi & low else 0)]  # type: ignore[assignment]
     for entry in obj.other_props:
         if entry.name in props or entry.name in BY_PROPERTY:
-            raise DecodeError(f"property {entry.name!r} given twice", field=f"{where}.other_props")
-        props[entry.name] = _tri(entry.tri, f"{where}.other_props")
-    if obj.vnet_hdr is not None and obj.vnet_hdr > 1:
-        raise DecodeError(f"vnet_hdr must be 0 or 1, not {obj.vnet_hdr}", field=f"{where}.vnet_hdr")
+            raise DecodeError(f"property {entry.name!r} given twice", field=f"nics[{index}].other_props")
+        props[entry.name] = _tri(entry.tri, f"nics[{index}].other_props")
+    vnet = obj.vnet_hdr
+    if vnet is not None and vnet > 1:
+        raise DecodeError(f"vnet_hdr must be 0 or 1, not {vnet}", field=f"nics[{index}].vnet_hdr")
     return NicReport(
-        obj.qdev_id, obj.qom_path, netdev_id=obj.netdev_id, backend=obj.backend,
-        properties=tuple(sorted(props.items())), offered=obj.offered, negotiated=obj.negotiated,
-        driver_status=obj.driver_status, backend_features=obj.backend_features,
-        vnet_hdr=None if obj.vnet_hdr is None else bool(obj.vnet_hdr), unreadable=tuple(obj.unreadable))
+        obj.qdev_id, obj.qom_path, obj.netdev_id, obj.backend, tuple(sorted(props.items())), obj.offered,
+        obj.negotiated, obj.driver_status, obj.backend_features, None if vnet is None else bool(vnet),
+        tuple(obj.unreadable))
 
 
 def _version(v: Any) -> tuple[int, int, int] | None:
