@@ -24,7 +24,19 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .features import BY_BIT, BY_NAME, BY_PROPERTY, bits_of, mask_of, missing_requirements
+from .features import (
+    BY_BIT,
+    BY_PROPERTY,
+    NEEDS_OWN_HASH,
+    NEEDS_TUNNEL,
+    NEEDS_UFO,
+    NEEDS_USO,
+    NEEDS_VNET_HDR,
+    ONLY_VNET_HDR,
+    bits_of,
+    mask_of,
+    missing_requirements,
+)
 from .model import NicReport, Tri, VmReport
 from .policy import Policy
 
@@ -85,20 +97,14 @@ class Verdict:
         return tuple(f for f in self.findings if f.device == device)
 
 
-# Which backend condition makes QEMU silently clear a bit (virtio_net_get_features), for the "why" sentences.
-_VNET_HDR_BITS = mask_of(BY_NAME[n].bit for n in (
-    "VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6",
-    "VIRTIO_NET_F_HOST_ECN", "VIRTIO_NET_F_GUEST_TSO4", "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_GUEST_ECN",
-    "VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO", "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4",
-    "VIRTIO_NET_F_GUEST_USO6", "VIRTIO_NET_F_HASH_REPORT"))
-_UFO_BITS = mask_of(BY_NAME[n].bit for n in ("VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO"))
-_USO_BITS = mask_of(BY_NAME[n].bit for n in (
-    "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4", "VIRTIO_NET_F_GUEST_USO6"))
+# Why QEMU silently cleared a bit, for the "why" sentences: the first group that holds the bit.
 _CAUSES: tuple[tuple[int, str], ...] = (
-    (_USO_BITS, "its backend has no USO: tap on a host kernel older than Linux 6.2, or vhost-user, vhost-vdpa, "
+    (NEEDS_USO, "its backend has no USO: tap on a host kernel older than Linux 6.2, or vhost-user, vhost-vdpa, "
                 "passt, which QEMU never probes for USO"),
-    (_UFO_BITS, "its backend has no UFO support"),
-    (_VNET_HDR_BITS, "its backend has no virtio-net header (vnet_hdr): -netdev user, or tap with vnet_hdr=off"),
+    (NEEDS_UFO, "its backend has no UFO support"),
+    (NEEDS_TUNNEL, "its backend has no UDP tunnel offload"),
+    (NEEDS_OWN_HASH & ~NEEDS_VNET_HDR, "this QEMU cannot do RSS for this backend (no eBPF RSS)"),
+    (NEEDS_VNET_HDR, "its backend has no virtio-net header (vnet_hdr): -netdev user, or tap with vnet_hdr=off"),
 )
 
 
@@ -119,10 +125,11 @@ def vnet_hdr(nic: NicReport) -> bool | None:
         return nic.vnet_hdr
     if nic.offered is None:
         return None
-    if nic.offered & _VNET_HDR_BITS:
+    if nic.offered & NEEDS_VNET_HDR:
         return True
+    # Only a bit that nothing but a missing header clears proves there is none (USO, UFO, ... have other causes).
     asked = [BY_PROPERTY[p].bit for p, tri in nic.properties if tri is Tri.ON and p in BY_PROPERTY]
-    return False if any(_VNET_HDR_BITS >> b & 1 for b in asked) else None
+    return False if any(ONLY_VNET_HDR >> b & 1 for b in asked) else None
 
 
 def has_ufo(nic: NicReport) -> bool | None:
@@ -132,9 +139,9 @@ def has_ufo(nic: NicReport) -> bool | None:
         return False
     if nic.offered is None or header is None:
         return None
-    if nic.offered & _UFO_BITS:
+    if nic.offered & NEEDS_UFO:
         return True
-    asked = any(nic.prop(BY_BIT[b].prop or "") is Tri.ON for b in bits_of(_UFO_BITS))
+    asked = any(nic.prop(BY_BIT[b].prop or "") is Tri.ON for b in bits_of(NEEDS_UFO))
     return False if asked else None
 
 

@@ -27,6 +27,14 @@ __all__ = [
     "BY_NAME",
     "BY_PROPERTY",
     "CATALOGUE",
+    "MAX_BITS",
+    "NEEDS_OWN_HASH",
+    "NEEDS_TUNNEL",
+    "NEEDS_UFO",
+    "NEEDS_USO",
+    "NEEDS_VNET_HDR",
+    "ONLY_VNET_HDR",
+    "SILENTLY_CLEARED",
     "Feature",
     "Kind",
     "bits_of",
@@ -126,6 +134,24 @@ BY_NAME: dict[str, Feature] = {f.name: f for f in CATALOGUE}
 BY_PROPERTY: dict[str, Feature] = {f.prop: f for f in CATALOGUE if f.prop is not None}
 
 MAX_BITS = 128  # QEMU's VIRTIO_FEATURES_MAX (include/hw/virtio/virtio-features.h, QEMU 10.2)
+
+
+def _mask(*shorts: str) -> int:
+    return sum(1 << BY_NAME[f"VIRTIO_NET_F_{s}"].bit for s in shorts)
+
+
+# The bits QEMU clears silently, by backend condition (hw/net/virtio-net.c, virtio_net_get_features): the
+# virtio-net header (peer_has_vnet_hdr), UFO (peer_has_ufo), USO (peer_has_uso), UDP tunnel offload
+# (peer_has_tunnel, 10.2) and, in newer QEMUs without vhost, its own hash/RSS support.
+ONLY_VNET_HDR = _mask("CSUM", "GUEST_CSUM", "HOST_TSO4", "HOST_TSO6", "HOST_ECN", "GUEST_TSO4", "GUEST_TSO6",
+                      "GUEST_ECN")  # nothing but a missing header clears these
+NEEDS_UFO = _mask("HOST_UFO", "GUEST_UFO")
+NEEDS_USO = _mask("HOST_USO", "GUEST_USO4", "GUEST_USO6")
+NEEDS_TUNNEL = _mask("GUEST_UDP_TUNNEL_GSO", "GUEST_UDP_TUNNEL_GSO_CSUM", "HOST_UDP_TUNNEL_GSO",
+                     "HOST_UDP_TUNNEL_GSO_CSUM")
+NEEDS_OWN_HASH = _mask("HASH_REPORT", "RSS")
+NEEDS_VNET_HDR = ONLY_VNET_HDR | NEEDS_UFO | NEEDS_USO | NEEDS_TUNNEL | _mask("HASH_REPORT")
+SILENTLY_CLEARED = NEEDS_VNET_HDR | NEEDS_OWN_HASH
 
 
 def bits_of(bitmap: int) -> Iterator[int]:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from .errors import CommandError, ReplyError
-from .features import BY_NAME, BY_PROPERTY, mask_of
+from .features import BY_PROPERTY, SILENTLY_CLEARED
 from .model import NicReport, Tri, VmReport, parse_tri
 from .qmp import ReadOnlyQMP
 from .virtio_status import parse_feature_block, parse_status
@@ -47,18 +47,6 @@ def _device_path(virtio_path: str) -> tuple[str, str]:
     device = virtio_path.removesuffix("/virtio-backend")
     rest = device[len(_PERIPHERAL):] if device.startswith(_PERIPHERAL) else ""
     return (rest if rest and "/" not in rest else ""), device
-
-
-# Bits QEMU may clear silently on a non-vhost backend (hw/net/virtio-net.c, virtio_net_get_features: no vnet
-# header, no UFO, no USO, no UDP tunnel support (10.2), no own hash/RSS). Any other boolean property whose bit is
-# not offered is off. With vhost, the backend masks further bits (vhost_net_get_features), so all are read.
-_CLEARABLE = mask_of(BY_NAME[n].bit for n in (
-    "VIRTIO_NET_F_CSUM", "VIRTIO_NET_F_GUEST_CSUM", "VIRTIO_NET_F_HOST_TSO4", "VIRTIO_NET_F_HOST_TSO6",
-    "VIRTIO_NET_F_HOST_ECN", "VIRTIO_NET_F_GUEST_TSO4", "VIRTIO_NET_F_GUEST_TSO6", "VIRTIO_NET_F_GUEST_ECN",
-    "VIRTIO_NET_F_HOST_UFO", "VIRTIO_NET_F_GUEST_UFO", "VIRTIO_NET_F_HOST_USO", "VIRTIO_NET_F_GUEST_USO4",
-    "VIRTIO_NET_F_GUEST_USO6", "VIRTIO_NET_F_HASH_REPORT", "VIRTIO_NET_F_RSS",
-    "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO", "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM",
-    "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO", "VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO_CSUM"))
 
 
 def _nic_fields(status: object, device: str, notes: list[str]) -> dict[str, Any]:
@@ -95,8 +83,10 @@ def _plan(types: dict[str, str], fields: dict[str, Any]) -> tuple[dict[str, Tri]
             to_read.append(name)
         elif offered >> feature.bit & 1:
             implied[name] = Tri.ON  # QEMU offers a bit only if its property is on
-        elif vhost or _CLEARABLE >> feature.bit & 1:
-            to_read.append(name)  # off, or on and silently cleared: only QEMU can say
+        elif vhost or SILENTLY_CLEARED >> feature.bit & 1:
+            # off, or on and silently cleared: only QEMU can say (with vhost, vhost_net_get_features may mask
+            # any bit, so then every such property is read)
+            to_read.append(name)
         else:
             implied[name] = Tri.OFF
     return implied, to_read

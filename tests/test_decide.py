@@ -92,6 +92,14 @@ def test_vnet_hdr_and_ufo_unknown_when_nothing_proves_them() -> None:
     assert has_ufo(nic()) is True
 
 
+def test_uso_missing_alone_does_not_prove_a_missing_vnet_hdr() -> None:
+    # Only USO is on and not offered: a tap without USO, not a backend without a header.
+    only_uso = NicReport.make("net0", "/p", properties={"host_uso": Tri.ON}, offered=mask_of([5, 32]),
+                              negotiated=0, driver_status=0)
+    assert vnet_hdr(only_uso) is None
+    assert vnet_hdr(nic(USER_OFFERED, csum=Tri.ON)) is False
+
+
 def test_device_missing_extra_and_machine_type() -> None:
     verdict = decide(vm(nic(), nic(key="net1")), vm(nic(), nic(key="net2")))
     assert {(f.device, f.code) for f in verdict.findings} >= {("net1", "device-missing"), ("net2", "device-extra")}
