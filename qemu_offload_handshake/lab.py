@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from qemu.qmp import QMPClient, QMPError
 
 from .errors import HandshakeError
+from .probe import split_virtio_path
 from .virtio_status import parse_feature_block, parse_status
 
 __all__ = [
@@ -224,29 +224,25 @@ class Vm:
             raise LabError(f"{self.name}: {command} failed: {err!r}; stderr: {self.stderr_text()}") from err
 
     async def virtio_paths(self) -> dict[str, str]:
-        """qdev id (QOM path of the device when it has no id) -> QOM path of its virtio backend."""
+        """Device key (qdev id, or QOM path when it has none, as ``NicReport.key``) -> its virtio backend path."""
         paths = {}
         for dev in await self.execute("x-query-virtio"):
-            if dev["name"] != "virtio-net":
-                continue
-            m = re.match(r"/machine/peripheral/([^/]+)/virtio-backend$", dev["path"])
-            paths[m.group(1) if m else dev["path"].removesuffix("/virtio-backend")] = dev["path"]
+            if dev["name"] == "virtio-net":
+                qdev_id, device = split_virtio_path(dev["path"])
+                paths[qdev_id or device] = dev["path"]
         return paths
 
+    async def _statuses(self) -> dict[str, Any]:
+        return {nic: await self.execute("x-query-virtio-status", {"path": path})
+                for nic, path in (await self.virtio_paths()).items()}
+
     async def features(self, which: str = "host-features") -> dict[str, int]:
-        """qdev id -> feature bitmap (``host-features`` = offered, ``guest-features`` = negotiated)."""
-        result = {}
-        for nic, path in (await self.virtio_paths()).items():
-            status = await self.execute("x-query-virtio-status", {"path": path})
-            result[nic] = parse_feature_block(status[which], where=f"{self.name} {nic}").bitmap
-        return result
+        """Device key -> feature bitmap (``host-features`` = offered, ``guest-features`` = negotiated)."""
+        return {nic: parse_feature_block(status[which], where=f"{self.name} {nic}").bitmap
+                for nic, status in (await self._statuses()).items()}
 
     async def driver_status(self) -> dict[str, int]:
-        result = {}
-        for nic, path in (await self.virtio_paths()).items():
-            status = await self.execute("x-query-virtio-status", {"path": path})
-            result[nic] = parse_status(status["status"])
-        return result
+        return {nic: parse_status(status["status"]) for nic, status in (await self._statuses()).items()}
 
     async def run_state(self) -> str | None:
         if not self.alive:

@@ -25,7 +25,7 @@ from .model import NicReport, Tri, VmReport, parse_tri
 from .qmp import ReadOnlyQMP
 from .virtio_status import parse_feature_block, parse_status
 
-__all__ = ["probe_vm"]
+__all__ = ["probe_vm", "split_virtio_path"]
 
 T = TypeVar("T")
 _PERIPHERAL = "/machine/peripheral/"
@@ -42,7 +42,7 @@ async def _try(call: Awaitable[T], notes: list[str], what: str) -> T | None:
     return None
 
 
-def _device_path(virtio_path: str) -> tuple[str, str]:
+def split_virtio_path(virtio_path: str) -> tuple[str, str]:
     """(qdev id, QOM path of the device) from the virtio backend's path; the id is '' for id-less devices."""
     device = virtio_path.removesuffix("/virtio-backend")
     rest = device[len(_PERIPHERAL):] if device.startswith(_PERIPHERAL) else ""
@@ -141,12 +141,13 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str) -> VmReport:
         if isinstance(plist, list) else {}
     if paths and not types:
         notes.append("qom-list: the virtio-net properties could not be listed")
-    nics_fields = [_nic_fields(st, _device_path(p)[1], n) for p, st, n in zip(paths, statuses, nic_notes, strict=False)]
+    nics_fields = [_nic_fields(st, split_virtio_path(p)[1], n)
+                   for p, st, n in zip(paths, statuses, nic_notes, strict=False)]
     plans = [_plan(types, f) for f in nics_fields]
     await asyncio.gather(*(_read_props(qmp, p, to_read, implied, n)
                            for p, (implied, to_read), n in zip(paths, plans, nic_notes, strict=True)))
     try:
-        nics = tuple(NicReport.make(*_device_path(p), properties=implied, unreadable=n, **f)
+        nics = tuple(NicReport.make(*split_virtio_path(p), properties=implied, unreadable=n, **f)
                      for p, (implied, _), n, f in zip(paths, plans, nic_notes, nics_fields, strict=True))
         return VmReport(host, qemu_version, package, machine_type, nics, tuple(notes),
                         devices_known=isinstance(devices, list))
