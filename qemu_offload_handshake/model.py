@@ -16,10 +16,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DERIVABLE",
     "MAX_BITMAP_BITS",
     "MAX_HOSTS",
     "MAX_ITEMS",
     "MAX_STRING_BYTES",
+    "SIDES",
     "CapabilitySet",
     "HostCapabilities",
     "NicReport",
@@ -32,6 +34,8 @@ MAX_BITMAP_BITS = 512  # well above QEMU's VIRTIO_FEATURES_MAX of 128, bounded s
 MAX_STRING_BYTES = 1024
 MAX_ITEMS = 256  # NICs per VM, properties per NIC, backends per host, notes per record
 MAX_HOSTS = 20_000  # hosts in one capability set
+# The NIC facts that can be derived instead of read (NicReport.derived), in wire-format order (one bit each).
+DERIVABLE = ("backend", "driver_status", "negotiated", "offered", "vnet_hdr")
 
 
 class Tri(enum.IntEnum):
@@ -101,6 +105,12 @@ class NicReport:
     backend_features: int | None = None  # backend-features (vhost) when QEMU reports them
     vnet_hdr: bool | None = None  # whether the backend has a virtio-net header (None: not known)
     unreadable: tuple[str, ...] = ()  # facts that could not be read, as short sentences
+    # Bits whose offered state could not be derived (only with a derived ``offered``): each may or may not be
+    # offered. ``offered`` then holds the bits known to be offered.
+    offered_unknown: int = 0
+    # Facts derived from safe reads instead of read from QEMU (names from ``DERIVABLE``), e.g. on a QEMU where
+    # x-query-virtio-status is known to crash.
+    derived: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_str("qdev_id", self.qdev_id)
@@ -131,6 +141,19 @@ class NicReport:
         _check_items("unreadable", self.unreadable)
         for note in self.unreadable:
             _check_str("unreadable note", note)
+        _check_bitmap("offered_unknown", self.offered_unknown)
+        if self.offered_unknown and (self.offered is None or self.offered & self.offered_unknown):
+            raise ValueError("offered_unknown needs an offered bitmap and must not overlap it")
+        if not isinstance(self.derived, tuple) or list(self.derived) != sorted(set(self.derived)) \
+                or not set(self.derived) <= set(DERIVABLE):
+            raise ValueError(f"derived must be a sorted tuple of distinct names from {DERIVABLE}: {self.derived!r}")
+        if self.offered_unknown and "offered" not in self.derived:
+            raise ValueError("offered_unknown is only for a derived offered bitmap")
+
+    @property
+    def offered_upper(self) -> int | None:
+        """Every bit that may be offered: the known ones and the undetermined ones."""
+        return None if self.offered is None else self.offered | self.offered_unknown
 
     @classmethod
     def make(cls, qdev_id: str, qom_path: str, *, properties: Mapping[str, Tri] | None = None,
@@ -166,14 +189,28 @@ class _Side:
         _check_str("machine", self.machine, optional=True)
 
 
+SIDES = ("source", "dest")
+
+
 @dataclass(frozen=True, slots=True)
 class VmReport(_Side):
     nics: tuple[NicReport, ...] = ()
     unreadable: tuple[str, ...] = ()
     devices_known: bool = True  # False: the device list itself could not be read (``nics`` is then empty)
+    vm_name: str | None = None  # QEMU's -name (query-name), when set
+    vm_uuid: str | None = None  # QEMU's -uuid (query-uuid), when set
+    made_at: int | None = None  # when the report was made: Unix time in seconds
+    side: str | None = None  # "source" or "dest" when the maker knew which side it probed
 
     def __post_init__(self) -> None:
         self._check_side()
+        _check_str("vm_name", self.vm_name, optional=True)
+        _check_str("vm_uuid", self.vm_uuid, optional=True)
+        if self.made_at is not None and (isinstance(self.made_at, bool) or not isinstance(self.made_at, int)
+                                         or not 0 <= self.made_at < 1 << 40):
+            raise ValueError(f"made_at must be Unix seconds: {self.made_at!r}")
+        if self.side is not None and self.side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES} or None: {self.side!r}")
         if not isinstance(self.devices_known, bool) or (not self.devices_known and self.nics):
             raise ValueError("devices_known must be a bool, and False only with no NICs")
         _check_items("nics", self.nics)
