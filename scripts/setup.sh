@@ -18,18 +18,20 @@ mkdir -p "$CACHE/debs"
 APT_UPDATED=0
 apt_update() { if [ "$APT_UPDATED" = 0 ]; then log "apt-get update"; apt-get update -qq; APT_UPDATED=1; fi; }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+mirror_uri() { # the Debian mirror the machine already uses
+  local uri
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
 add_source() { # name suite pin(optional)
   local file=/etc/apt/sources.list.d/$1.sources
   [ -e "$file" ] && return 0
   # Already configured by the machine's owner (any file, either format)?
   grep -rqsE "^(Suites:.*[[:space:]]|deb .*[[:space:]])$2([[:space:]]|\$)" /etc/apt/sources.list /etc/apt/sources.list.d/ \
     && return 0
-  local uri
-  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  [ -n "$uri" ] || uri=http://deb.debian.org/debian
   log "adding apt source $2"
   printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-    "$uri" "$2" > "$file"
+    "$(mirror_uri)" "$2" > "$file"
   if [ -n "${3:-}" ]; then
     printf 'Package: *\nPin: release n=%s\nPin-Priority: %s\n' "$2" "$3" > "/etc/apt/preferences.d/$1"
   fi
@@ -86,6 +88,13 @@ if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then
   [ -z "$notfound" ] || die "QEMU 7.2 still misses libraries: $notfound"
   touch "$Q72/.complete"
 fi
+
+# --- 3b. QEMU 11.1.3 (Debian 13 backports) with its whole Debian 13 closure, run through its own loader -------
+Q111=$CACHE/qemu-11.1
+if [ ! -e "$Q111/.complete" ]; then
+  bash "$ROOT/scripts/setup-qemu111.sh" "$CACHE" "$(mirror_uri)"
+fi
+[ -x "$Q111/usr/bin/qemu-system-x86_64" ] || die "QEMU 11.1 is not unpacked in $Q111"
 
 # --- 4. guest kernel (Debian cloud 6.12) and a busybox initramfs that loads virtio_net --------------------
 GUEST=$CACHE/guest
@@ -144,4 +153,5 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" 
     || { cat "$CACHE/pip.log" >&2; die "pip install failed (log above)"; }
   touch "$stamp"
 fi
-log "ready: $(qemu-system-x86_64 --version | head -n 1); QEMU 7.2 in $Q72; guest kernel $(cat "$GUEST/kernel-version")"
+log "ready: $(qemu-system-x86_64 --version | head -n 1); QEMU 7.2 in $Q72; $(head -n 1 "$Q111/.complete" | sed 's/emulator version //') in $Q111;" \
+    "guest kernel $(cat "$GUEST/kernel-version")"
