@@ -28,10 +28,12 @@ import construct as cs
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
 from .features import BY_BIT, BY_PROPERTY
 from .model import (
+    DERIVABLE,
     MAX_BITMAP_BITS,
     MAX_HOSTS,
     MAX_ITEMS,
     MAX_STRING_BYTES,
+    SIDES,
     CapabilitySet,
     HostCapabilities,
     NicReport,
@@ -51,7 +53,7 @@ __all__ = [
 
 MAGIC = b"QOHS"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 MAX_RECORD_BYTES = 1 << 20
 FLAG_HMAC = 0x01
 TYPE_VM, TYPE_HOST, TYPE_SET = 1, 2, 3
@@ -257,13 +259,111 @@ class _Sized(cs.Subconstruct):  # type: ignore[misc]
                 f"lambda obj, io: ({self.subcon._compilebuild(code)}))")
 
 
+class _BitSet(_Leaf):
+    """A varint whose bit *i* stands for ``names[i]``: a sorted tuple of names. A bit without a name is an error."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names, self.value = names, _VarInt(0xFFFF)
+
+    def read(self, stream: Any) -> tuple[str, ...]:
+        value = self.value.read(stream)
+        if value >> len(self.names):
+            raise cs.ValidationError(f"bit {value.bit_length() - 1} names nothing (bits 0-{len(self.names) - 1} "
+                                     f"are {', '.join(self.names)})")
+        return tuple(sorted(name for i, name in enumerate(self.names) if value >> i & 1))
+
+    def write(self, obj: tuple[str, ...], stream: Any) -> tuple[str, ...]:
+        self.value.write(sum(1 << self.names.index(name) for name in set(obj)), stream)
+        return obj
+
+
+class _Choice(_Leaf):
+    """One byte: 1 for ``names[0]``, 2 for ``names[1]``, ..."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+
+    def read(self, stream: Any) -> str:
+        byte = _read_exact(stream, 1)[0]
+        if not 1 <= byte <= len(self.names):
+            raise cs.ValidationError(f"{byte} is not one of " + ", ".join(
+                f"{i} ({name})" for i, name in enumerate(self.names, 1)))
+        return self.names[byte - 1]
+
+    def write(self, obj: str, stream: Any) -> str:
+        stream.write(_BYTES[self.names.index(obj) + 1])
+        return obj
+
+
+class _Extensions(_Leaf):
+    """Count, then per extension: varint tag, varint length, that many bytes of content.
+
+    ``known`` maps a tag to (field name, leaf, default): the content of a known tag is exactly one value of that
+    leaf, and is never the field's default (writers leave defaults out). Each tag appears at most once; unknown
+    tags are skipped. Parses to a dict of the known fields present; builds from such a dict (None: left out).
+    """
+
+    def __init__(self, known: dict[int, tuple[str, _Leaf, Any]]) -> None:
+        super().__init__()
+        self.known = known
+        self.tag, self.length = _VarInt(0xFFFF), _VarInt(MAX_RECORD_BYTES)
+
+    def read(self, stream: Any) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        seen: set[int] = set()
+        for _ in range(_Count.read(stream)):
+            tag = self.tag.read(stream)
+            if tag in seen:
+                raise cs.ValidationError(f"extension tag {tag} given twice")
+            seen.add(tag)
+            content = _read_exact(stream, self.length.read(stream))
+            if tag not in self.known:
+                continue
+            name, leaf, default = self.known[tag]
+            sub = io.BytesIO(content)
+            try:
+                value = leaf.read(sub)
+            except cs.ConstructError as err:
+                raise cs.ValidationError(f"extension {name} (tag {tag}): {err}") from None
+            if sub.tell() != len(content):
+                raise cs.ValidationError(f"extension {name} (tag {tag}): {len(content) - sub.tell()} bytes after "
+                                         "its value")
+            if value == default:
+                raise cs.ValidationError(f"extension {name} (tag {tag}) holds its default value {default!r}, "
+                                         "which writers leave out")
+            values[name] = value
+        return values
+
+    def write(self, obj: dict[str, Any], stream: Any) -> dict[str, Any]:
+        present = [(tag, obj[name], leaf) for tag, (name, leaf, default) in sorted(self.known.items())
+                   if obj.get(name, default) != default]
+        _Count.write(len(present), stream)
+        for tag, value, leaf in present:
+            content = io.BytesIO()
+            leaf.write(value, content)
+            self.tag.write(tag, stream)
+            self.length.write(len(content.getvalue()), stream)
+            stream.write(content.getvalue())
+        return obj
+
+
 # ------------------------------------------------------------------------------------------------ layouts
 
 _Count = _VarInt(MAX_ITEMS)
 _Str = _Text(MAX_STRING_BYTES)
 _Bits = _Bitmap(MAX_BITMAP_BYTES)
 _U8 = _Uint(1)
-_Extensions = cs.PrefixedArray(_Count, cs.Struct("tag" / _VarInt(0xFFFF), "data" / _Blob(MAX_RECORD_BYTES)))
+_MADE_AT_LIMIT = (1 << 40) - 1
+NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED = 1, 2  # extension tags (format 1.1)
+VM_EXT_NAME, VM_EXT_UUID, VM_EXT_MADE_AT, VM_EXT_SIDE = 1, 2, 3, 4
+_NicExt = _Extensions({NIC_EXT_OFFERED_UNKNOWN: ("offered_unknown", _Bits, 0),
+                       NIC_EXT_DERIVED: ("derived", _BitSet(DERIVABLE), ())})
+_VmExt = _Extensions({VM_EXT_NAME: ("vm_name", _Str, None), VM_EXT_UUID: ("vm_uuid", _Str, None),
+                      VM_EXT_MADE_AT: ("made_at", _VarInt(_MADE_AT_LIMIT), None),
+                      VM_EXT_SIDE: ("side", _Choice(SIDES), None)})
+_NoExt = _Extensions({})
 
 # Presence bits of optional fields (an absent field is None in the model).
 NIC_NETDEV, NIC_BACKEND, NIC_OFFERED, NIC_NEGOTIATED, NIC_STATUS, NIC_BACKEND_FEATURES, NIC_VNET_HDR = (
@@ -285,7 +385,7 @@ _Nic = cs.Struct(
     "tri_hi" / _Bits,
     "other_props" / cs.PrefixedArray(_Count, cs.Struct("name" / _Str, "tri" / _U8)),
     "unreadable" / cs.PrefixedArray(_Count, _Str),
-    "ext" / _Extensions,
+    "ext" / _NicExt,
 )
 _Version = cs.Struct("major" / _Uint(2), "minor" / _Uint(2), "micro" / _Uint(2))
 _Head = cs.Struct(  # common start of the VM and host bodies
@@ -299,12 +399,12 @@ _VmBody = cs.Struct(
     "head" / _Head,
     "nics" / cs.PrefixedArray(_Count, _Sized(_Nic)),
     "unreadable" / cs.PrefixedArray(_Count, _Str),
-    "ext" / _Extensions,
+    "ext" / _VmExt,
 )
 _HostBody = cs.Struct(
     "head" / _Head,
     "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Str, "bitmap" / _Bits)),
-    "ext" / _Extensions,
+    "ext" / _NoExt,
 )
 _Index = _VarInt(MAX_TABLE - 1)
 _SetBody = cs.Struct(  # many hosts: repeated strings in a table, bitmaps XOR a per-backend reference
@@ -319,7 +419,7 @@ _SetBody = cs.Struct(  # many hosts: repeated strings in a table, bitmaps XOR a 
         "machine" / cs.If(cs.this.present & VM_MACHINE, _Index),
         "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Index, "xor" / _Bits)),
     )),
-    "ext" / _Extensions,
+    "ext" / _NoExt,
 )
 _Header = cs.Struct(
     "magic" / _Uint(4),
@@ -366,7 +466,8 @@ def _nic_obj(nic: NicReport) -> dict[str, Any]:
             lo |= (tri & 1) << feature.bit
             hi |= (tri >> 1) << feature.bit
     return obj | {"present": present, "qdev_id": nic.qdev_id, "qom_path": nic.qom_path, "tri_lo": lo,
-                  "tri_hi": hi, "other_props": other, "unreadable": nic.unreadable, "ext": ()}
+                  "tri_hi": hi, "other_props": other, "unreadable": nic.unreadable,
+                  "ext": {"offered_unknown": nic.offered_unknown, "derived": nic.derived}}
 
 
 class _Table:
@@ -392,7 +493,7 @@ def _set_obj(record: CapabilitySet) -> dict[str, Any]:
             "version": versions.index(host.qemu_version) if host.qemu_version else None,
             "package": strings.index(host.package) if host.package is not None else None,
             "machine": strings.index(host.machine) if host.machine is not None else None})
-    return {"strings": list(strings.items), "hosts": hosts, "ext": (),
+    return {"strings": list(strings.items), "hosts": hosts, "ext": {},
             "versions": [dict(zip(("major", "minor", "micro"), v, strict=True)) for v in versions.items],
             "refs": [{"backend": strings.index(k), "bitmap": b} for k, b in refs.items()]}
 
@@ -401,9 +502,11 @@ def encode(record: Record, *, key: bytes | None = None) -> bytes:
     """The wire bytes of a record; signed with HMAC-SHA256 when ``key`` is given."""
     if isinstance(record, VmReport):
         rtype, obj = TYPE_VM, {"head": _head(record), "nics": [_nic_obj(n) for n in record.nics],
-                               "unreadable": record.unreadable, "ext": ()}
+                               "unreadable": record.unreadable,
+                               "ext": {"vm_name": record.vm_name, "vm_uuid": record.vm_uuid,
+                                       "made_at": record.made_at, "side": record.side}}
     elif isinstance(record, HostCapabilities):
-        rtype, obj = TYPE_HOST, {"head": _head(record), "ext": (),
+        rtype, obj = TYPE_HOST, {"head": _head(record), "ext": {},
                                  "offers": [{"backend": k, "bitmap": b} for k, b in record.offers]}
     elif isinstance(record, CapabilitySet):
         rtype, obj = TYPE_SET, _set_obj(record)
@@ -461,10 +564,15 @@ def _nic_from(obj: Any, index: int) -> NicReport:
     vnet = obj.vnet_hdr
     if vnet is not None and vnet > 1:
         raise DecodeError(f"vnet_hdr must be 0 or 1, not {vnet}", field=f"nics[{index}].vnet_hdr")
+    ext = obj.ext
+    unknown = ext.get("offered_unknown", 0)
+    if unknown and (obj.offered is None or obj.offered & unknown or "offered" not in ext.get("derived", ())):
+        raise DecodeError("offered_unknown needs a derived offered bitmap and must not overlap it",
+                          field=f"nics[{index}].offered_unknown")
     return NicReport(
         obj.qdev_id, obj.qom_path, obj.netdev_id, obj.backend, tuple(sorted(props.items())), obj.offered,
         obj.negotiated, obj.driver_status, obj.backend_features, None if vnet is None else bool(vnet),
-        tuple(obj.unreadable))
+        tuple(obj.unreadable), unknown, ext.get("derived", ()))
 
 
 def _version(v: Any) -> tuple[int, int, int] | None:
@@ -558,7 +666,7 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
         if header.type == TYPE_VM:
             return VmReport(head.host, version, head.package, head.machine,
                             tuple(_nic_from(n, i) for i, n in enumerate(parsed.nics)), tuple(parsed.unreadable),
-                            devices_known=not head.present & VM_DEVICES_UNKNOWN)
+                            devices_known=not head.present & VM_DEVICES_UNKNOWN, **parsed.ext)
         if head.present & VM_DEVICES_UNKNOWN:
             raise DecodeError("flag 8 (device list unreadable) is for VM reports only", field="head.present")
         offers = tuple(sorted((o.backend, o.bitmap) for o in parsed.offers))

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from qemu_offload_handshake import AuthenticationError, DecodeError, UnsupportedVersionError, decode, encode
 from qemu_offload_handshake.features import BY_PROPERTY
-from qemu_offload_handshake.model import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
+from qemu_offload_handshake.model import DERIVABLE, SIDES, CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
 
 
-def frame(body_hex: str, *, major: int = 1, minor: int = 0, rtype: int = 1) -> bytes:
+def frame(body_hex: str, *, major: int = 1, minor: int = 1, rtype: int = 1) -> bytes:
     """A frame around a hand-written body, as docs/wire-format.md lays it out (CRC from zlib, not the encoder)."""
     body = bytes.fromhex(body_hex)
     head = b"QOHS" + bytes([major, minor, rtype, 0]) + len(body).to_bytes(4, "big")
@@ -31,14 +31,33 @@ NIC_BODY = (
     "0700000000000040" "00"  # tri lo (bit 54), tri hi
     "00" "00" "00"  # other properties, unreadable, extensions
 )
-GOLDEN_VM = frame("05" "026831" "000a00000002" "03713335" "01" "1d" + NIC_BODY + "00" "00")
+VM_BODY = "05" "026831" "000a00000002" "03713335" "01" "1d" + NIC_BODY + "00" "00"
+GOLDEN_VM = frame(VM_BODY, minor=0)  # the version 1.0 example
 VM = VmReport("h1", (10, 0, 2), None, "q35", (
     NicReport.make("net0", "/p", offered=0x10179BFFFE7, driver_status=0x0F, properties={"guest_uso4": Tri.OFF}),))
 
+NIC_1_1 = ("44" "046e657430" "022f70" "010f" "01" "00" "00" "00" "00"  # offered 0x0f, vnet_hdr, nothing else
+           "02" "01020130" "020118")  # extensions: offered unknown 0x30, derived offered + vnet_hdr
+VM_EXT_1_1 = ("04" "010403776562"  # 4 extensions: name "web"
+              "0225" "24" "31623465323862612d326661312d313164322d383833662d303031366433636361343237"  # UUID
+              "0305" "80e2cfaa06"  # made at 1700000000
+              "040102")  # side: destination
+GOLDEN_VM_1_1 = frame("00" "026831" "01" "18" + NIC_1_1 + "00" + VM_EXT_1_1)
+VM_1_1 = VmReport("h1", None, None, None, (
+    NicReport.make("net0", "/p", offered=0x0F, vnet_hdr=True, offered_unknown=0x30, derived=("offered", "vnet_hdr")),),
+    vm_name="web", vm_uuid="1b4e28ba-2fa1-11d2-883f-0016d3cca427", made_at=1_700_000_000, side="dest")
+
 
 def test_golden_vector_from_the_spec_document() -> None:
-    assert encode(VM) == GOLDEN_VM
-    assert decode(GOLDEN_VM) == VM
+    assert decode(GOLDEN_VM) == VM  # a 1.0 record still decodes
+    assert encode(VM) == frame(VM_BODY)  # a 1.1 writer: the same body, minor version 1
+    assert decode(frame(VM_BODY)) == VM
+
+
+def test_golden_vector_1_1_from_the_spec_document() -> None:
+    assert len(GOLDEN_VM_1_1) == 12 + 87 + 4
+    assert decode(GOLDEN_VM_1_1) == VM_1_1
+    assert encode(VM_1_1) == GOLDEN_VM_1_1
 
 
 def test_golden_host_capabilities_with_a_bit_above_64() -> None:
@@ -58,8 +77,46 @@ def test_older_reader_skips_extensions_and_newer_minor_versions() -> None:
     assert decode(vector) == VM
 
 
+def vm_with(nic_ext: str = "00", vm_ext: str = "00") -> bytes:
+    """GOLDEN_VM_1_1's shape with other extension lists (hex, count included)."""
+    nic = "44" "046e657430" "022f70" "010f" "01" "00" "00" "00" "00" + nic_ext
+    return frame("00" "026831" "01" f"{len(nic) // 2:02x}" + nic + "00" + vm_ext)
+
+
+@pytest.mark.parametrize(("nic_ext", "vm_ext", "error"), [
+    ("01" "01020140", "00", r"derived offered.*nics\[0\]\.offered_unknown"),  # no derived offered
+    ("02" "01020103" "020108", "00", r"overlap.*nics\[0\]\.offered_unknown"),  # bit 0 is also offered
+    ("02" "01020100" "020108", "00", r"offered_unknown.*trailing zero"),  # not a minimal bitmap
+    ("01" "010100", "00", r"offered_unknown.*default"),  # empty: writers leave it out
+    ("01" "020120", "00", r"derived.*bit 5 names nothing"),
+    ("01" "020100", "00", r"derived.*default"),
+    ("01" "02020801", "00", r"derived.*1 bytes after its value"),
+    ("02" "020108" "020108", "00", r"tag 2 given twice"),
+    ("02" "6300" "6300", "00", r"tag 99 given twice"),  # unknown tags too
+    ("00", "01" "040103", r"side.*3 is not one of"),
+    ("00", "01" "0400", r"side.*truncated"),
+    ("00", "01" "0306" "808080808040", r"made_at.*over its limit"),  # 2^40
+    ("00", "01" "0306" "8080808080c0", r"made_at.*longer than"),
+    ("00", "01" "010201ff", r"vm_name.*UTF-8"),
+    ("00", "02" "010100" "010100", r"tag 1 given twice"),
+    ("00", "01" "0205" "03616263" "64", r"vm_uuid.*1 bytes after"),
+])
+def test_invalid_extension_contents_name_the_field(nic_ext: str, vm_ext: str, error: str) -> None:
+    with pytest.raises(DecodeError, match=error):
+        decode(vm_with(nic_ext, vm_ext))
+
+
+def test_extension_edge_values() -> None:
+    assert decode(vm_with(vm_ext="02" "010100" "030100")) == VmReport(
+        "h1", None, None, None, (NicReport.make("net0", "/p", offered=0x0F, vnet_hdr=True),), vm_name="", made_at=0)
+    assert decode(vm_with(vm_ext="01" "0306" "ffffffffff1f")) == VmReport(
+        "h1", None, None, None, (NicReport.make("net0", "/p", offered=0x0F, vnet_hdr=True),), made_at=(1 << 40) - 1)
+    assert decode(vm_with(vm_ext="02" "040101" "07020000")) == VmReport(  # an unknown tag after a known one
+        "h1", None, None, None, (NicReport.make("net0", "/p", offered=0x0F, vnet_hdr=True),), side="source")
+
+
 def test_newer_major_version_is_a_clear_unsupported_version_error() -> None:
-    vector = frame("05" "026831" "000a00000002" "03713335" "00" "00" "00", major=2)
+    vector = frame("05" "026831" "000a00000002" "03713335" "00" "00" "00", major=2, minor=0)
     with pytest.raises(UnsupportedVersionError, match=r"unsupported version 2\.0"):
         decode(vector)
 
@@ -94,22 +151,36 @@ def test_errors_name_the_field() -> None:
 
 
 texts = st.text(max_size=40)
+derivable = st.lists(st.sampled_from(DERIVABLE), unique=True).map(lambda names: tuple(sorted(names)))
+
+
+def derived_fields(offered: int | None, derived: tuple[str, ...], unknown: int) -> dict[str, object]:
+    """offered_unknown only where the model allows it: a derived offered bitmap, not overlapping it."""
+    if offered is None or "offered" not in derived:
+        unknown = 0
+    return {"derived": derived, "offered_unknown": unknown & ~(offered or 0)}
+
+
 bitmaps = st.one_of(st.none(), st.integers(min_value=0, max_value=(1 << 130) - 1))
 tris = st.sampled_from([Tri.OFF, Tri.ON, Tri.AUTO])
 prop_names = st.one_of(st.sampled_from(sorted(BY_PROPERTY)), st.from_regex(r"x_[a-z]{1,8}", fullmatch=True))
 nics = st.builds(
-    lambda i, path, netdev, backend, props, off, neg, status, bf, vh, notes: NicReport.make(
+    lambda i, path, netdev, backend, props, off, neg, status, bf, vh, notes, derived, unknown: NicReport.make(
         f"net{i}", path, properties=props, unreadable=notes, netdev_id=netdev, backend=backend, offered=off,
-        negotiated=neg, driver_status=status, backend_features=bf, vnet_hdr=vh),
+        negotiated=neg, driver_status=status, backend_features=bf, vnet_hdr=vh,
+        **derived_fields(off, derived, unknown)),
     st.integers(0, 10**6), texts, st.one_of(st.none(), texts), st.one_of(st.none(), texts),
     st.dictionaries(prop_names, tris, max_size=8), bitmaps, bitmaps, st.one_of(st.none(), st.integers(0, 255)),
-    bitmaps, st.one_of(st.none(), st.booleans()), st.lists(texts, max_size=3))
+    bitmaps, st.one_of(st.none(), st.booleans()), st.lists(texts, max_size=3), derivable,
+    st.integers(0, (1 << 200) - 1))
 versions = st.one_of(st.none(), st.tuples(*[st.integers(0, 65535)] * 3))
-vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes, known: VmReport(
+vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes, known, about: VmReport(
     host, ver, pkg, mach, tuple({n.key: n for n in nic_list}.values()), tuple(notes),
-    devices_known=known or bool(nic_list)),
+    devices_known=known or bool(nic_list), **about),
     texts, versions, st.one_of(st.none(), texts), st.one_of(st.none(), texts), st.lists(nics, max_size=5),
-    st.lists(texts, max_size=3), st.booleans())
+    st.lists(texts, max_size=3), st.booleans(), st.fixed_dictionaries({}, optional={
+        "vm_name": texts, "vm_uuid": texts, "made_at": st.integers(0, (1 << 40) - 1),
+        "side": st.sampled_from(SIDES)}))
 hosts = st.builds(lambda host, ver, offers: HostCapabilities(host, ver, None, "q35", tuple(sorted(offers.items()))),
                   texts, versions, st.dictionaries(texts, st.integers(0, (1 << 128) - 1), max_size=5))
 
