@@ -108,15 +108,33 @@ _CAUSES: tuple[tuple[int, str], ...] = (
 )
 
 
-def _cause(bit: int) -> str:
-    for mask, why in _CAUSES:
+# What decides whether QEMU offers a bit that may be cleared (for undetermined bits).
+_DEPENDS: tuple[tuple[int, str], ...] = (
+    (NEEDS_USO, "whether the backend supports USO"),
+    (NEEDS_UFO, "whether the backend supports UFO"),
+    (NEEDS_TUNNEL, "whether the backend supports UDP tunnel offload"),
+    (NEEDS_OWN_HASH & ~NEEDS_VNET_HDR, "whether this QEMU can do RSS for this backend"),
+    (NEEDS_VNET_HDR, "whether the backend has a virtio-net header"),
+)
+
+
+def _cause(bit: int, *, known: bool = True) -> str:
+    for mask, why in _CAUSES if known else _DEPENDS:
         if mask >> bit & 1:
             return why
+    if not known:
+        return "the backend or the PCI transport, which this QEMU cannot report safely"
     return "a machine-type compat property, a property set differently, or a different QEMU build"
 
 
-def _state(bitmap: int | None, bit: int) -> str:
-    return "unknown" if bitmap is None else ("offered" if bitmap >> bit & 1 else "not offered")
+def _sides(src: int, dst: int) -> str:
+    return "source or the destination" if src and dst else "source" if src else "destination"
+
+
+def _state(bitmap: int | None, bit: int, unknown: int = 0) -> str:
+    if bitmap is None:
+        return "unknown"
+    return "undetermined" if unknown >> bit & 1 else ("offered" if bitmap >> bit & 1 else "not offered")
 
 
 def vnet_hdr(nic: NicReport) -> bool | None:
@@ -127,9 +145,10 @@ def vnet_hdr(nic: NicReport) -> bool | None:
         return None
     if nic.offered & NEEDS_VNET_HDR:
         return True
-    # Only a bit that nothing but a missing header clears proves there is none (USO, UFO, ... have other causes).
+    # Only a bit that nothing but a missing header clears proves there is none (USO, UFO, ... have other causes);
+    # a bit whose offer is undetermined proves nothing.
     asked = [BY_PROPERTY[p].bit for p, tri in nic.properties if tri is Tri.ON and p in BY_PROPERTY]
-    return False if any(ONLY_VNET_HDR >> b & 1 for b in asked) else None
+    return False if any(ONLY_VNET_HDR >> b & 1 and not nic.offered_unknown >> b & 1 for b in asked) else None
 
 
 def has_ufo(nic: NicReport) -> bool | None:
@@ -141,7 +160,7 @@ def has_ufo(nic: NicReport) -> bool | None:
         return None
     if nic.offered & NEEDS_UFO:
         return True
-    asked = any(nic.prop(BY_BIT[b].prop or "") is Tri.ON for b in bits_of(NEEDS_UFO))
+    asked = any(nic.prop(BY_BIT[b].prop or "") is Tri.ON for b in bits_of(NEEDS_UFO & ~nic.offered_unknown))
     return False if asked else None
 
 
@@ -159,8 +178,11 @@ def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why:
                  src: NicReport, dst: NicReport) -> None:
     negotiated = None if src.negotiated is None else bool(src.negotiated >> bit & 1)
     feature = BY_BIT.get(bit)
+    if "negotiated" in src.derived:
+        negotiated = None
     c.add(device, severity, code, why, feature=feature.name if feature else None, bit=bit,
-          source=_state(src.offered, bit), dest=_state(dst.offered, bit), negotiated=negotiated)
+          source=_state(src.offered, bit, src.offered_unknown), dest=_state(dst.offered, bit, dst.offered_unknown),
+          negotiated=negotiated)
 
 
 def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
@@ -168,7 +190,7 @@ def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
         return
     for prop, tri in nic.properties:
         feature = BY_PROPERTY.get(prop)
-        if feature is None or tri is not Tri.ON or nic.offered >> feature.bit & 1:
+        if feature is None or tri is not Tri.ON or (nic.offered_upper or 0) >> feature.bit & 1:
             continue
         c.add(nic.key, Severity.WARNING, "silently-off",
               f"its property is on (set or by default), yet the {side} QEMU silently does not offer it: "
@@ -184,9 +206,18 @@ def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> Non
         c.add(key, Severity.UNKNOWN, "negotiated-unknown",
               "the guest's negotiated features on the source could not be read.")
     elif dst.offered is not None:
+        assumed = "negotiated" in src.derived
+        uses = "the guest may use it (its negotiated features cannot be read on this QEMU, so all are assumed)" \
+            if assumed else "the guest uses it"
         for bit in bits_of(src.negotiated & ~dst.offered):
+            if (src.offered_unknown | dst.offered_unknown) >> bit & 1:
+                _bit_finding(c, key, Severity.UNKNOWN, "negotiated-undetermined",
+                             f"{uses}, and whether the {'destination' if dst.offered_unknown >> bit & 1 else 'source'}"
+                             " offers it cannot be told safely: if the guest uses it and the destination lacks it,"
+                             " QEMU will refuse the load.", bit, src, dst)
+                continue
             _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
-                         f"the guest uses it and the destination does not offer it ({_cause(bit)}): QEMU will "
+                         f"{uses} and the destination does not offer it ({_cause(bit)}): QEMU will "
                          "refuse the load with 'Features 0x... unsupported'.",
                          bit, src, dst)
     for check, text, error in ((vnet_hdr, "a virtio-net header (vnet_hdr)", "saved image requires vnet_hdr=on"),
@@ -210,7 +241,15 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
               f"the features the {'source' if src.offered is None else 'destination'} offers could not be read.")
         return
     overrides: dict[str, str] = {}
-    missing = src.offered & ~dst.offered
+    undetermined = src.offered_unknown | dst.offered_unknown
+    in_load_checks = (src.negotiated or 0) & ~dst.offered  # already a negotiated-* finding
+    for bit in bits_of(undetermined & ~in_load_checks):
+        severity = Severity.UNKNOWN if mode is Mode.STRICT else Severity.WARNING
+        _bit_finding(c, key, severity, "offered-undetermined",
+                     f"whether the {_sides(src.offered_unknown >> bit & 1, dst.offered_unknown >> bit & 1)} offers "
+                     f"it cannot be told safely (it depends on {_cause(bit, known=False)}), so the guest ABI "
+                     "cannot be proven identical.", bit, src, dst)
+    missing = src.offered & ~dst.offered & ~undetermined
     for bit in bits_of(missing):
         negotiated = src.negotiated is not None and bool(src.negotiated >> bit & 1)
         if negotiated:
@@ -219,7 +258,7 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
         _bit_finding(c, key, severity, "offer-missing",
                      f"the destination does not offer it ({_cause(bit)}): the guest would lose it at its next "
                      "device reset (ABI change).", bit, src, dst)
-    extra = dst.offered & ~src.offered
+    extra = dst.offered & ~src.offered & ~undetermined
     for bit in bits_of(extra):
         feature = BY_BIT.get(bit)
         prop = feature.prop if feature else None
@@ -253,6 +292,11 @@ def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, polic
         return
     for prop, want in policy.properties.items():
         bit = BY_PROPERTY[prop].bit
+        if want is not Tri.AUTO and (src.offered_unknown | dst.offered_unknown) >> bit & 1:
+            _bit_finding(c, key, Severity.UNKNOWN, "policy-undetermined",
+                         f"policy requires {prop}={want}, and whether it is offered cannot be told safely.",
+                         bit, src, dst)
+            continue
         in_src, in_dst = bool(src.offered >> bit & 1), bool(dst.offered >> bit & 1)
         if want is Tri.ON and not (in_src and in_dst):
             where = " and ".join(s for s, ok in (("source", in_src), ("destination", in_dst)) if not ok)
@@ -272,6 +316,10 @@ def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, polic
                 overrides[prop] = "off"
                 _bit_finding(c, key, Severity.ADJUST, "policy-off",
                              f"policy requires {prop}=off; turn it off on the destination.", bit, src, dst)
+
+
+def _qemu(report: VmReport) -> str:
+    return "QEMU " + ".".join(map(str, report.qemu_version)) if report.qemu_version else "QEMU of unknown version"
 
 
 def _outcome(findings: Iterable[Finding]) -> Outcome:
@@ -318,9 +366,15 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
                   dest="absent")
             continue
         dest_keys.discard(dst.key)
-        for side, nic in (("source", src), ("destination", dst)):
+        for side, nic, report in (("source", src, source), ("destination", dst, dest)):
             for note in nic.unreadable:
                 c.add(src.key, Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
+            if nic.derived:
+                c.add(src.key, Severity.INFO, "derived",
+                      f"on the {side} ({_qemu(report)}), {', '.join(nic.derived)} were derived, not read: "
+                      "x-query-virtio-status is known to crash this QEMU, so offered features come from its "
+                      "properties and backend facts and the guest is assumed to use every feature that may be "
+                      "offered.", **{"source" if side == "source" else "dest": "derived"})
             _silent_turn_offs(c, side, nic)
         _load_checks(c, src.key, src, dst)
         _compare(c, src.key, src, dst, mode, policy)

@@ -17,6 +17,7 @@ libraries (qemu.qmp, construct) are converted where they enter, with ``raise ...
      |    +-- QMPTimeoutError         a QMP command got no answer in time
      |    +-- CommandError            QEMU answered a command with an error
      |    +-- CommandNotAllowedError  a command outside the read-only allowlist was about to be sent
+     |         +-- UnsafeCommandError  a command known to crash this QEMU version was about to be sent
      +-- UsageError              bad arguments, address or policy file
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "ProbeError",
     "QMPTimeoutError",
     "ReplyError",
+    "UnsafeCommandError",
     "UnsupportedVersionError",
     "UsageError",
 ]
@@ -96,6 +98,10 @@ class CommandError(ProbeError):
 
 class CommandNotAllowedError(ProbeError):
     """A command outside the read-only allowlist was about to be sent; it was not sent."""
+
+
+class UnsafeCommandError(CommandNotAllowedError):
+    """A command that ``quirks.KNOWN_CRASHES`` lists for this QEMU version was about to be sent; it was not sent."""
 
 
 class UsageError(HandshakeError):

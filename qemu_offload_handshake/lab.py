@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from .errors import HandshakeError
 from .probe import split_virtio_path
+from .quirks import known_crash
 from .virtio_status import parse_feature_block, parse_status
 
 __all__ = [
@@ -44,9 +46,10 @@ __all__ = [
     "qemu_build",
 ]
 
-Backend = Literal["tap", "tap-nouso", "user"]
+Backend = Literal["tap", "tap-nouso", "tap-notunnel", "user"]
 Mode = Literal["paused", "booted", "incoming"]
-QemuVersion = Literal["10", "7.2"]
+QemuVersion = Literal["10", "7.2", "11.1"]
+VERSIONS: tuple[QemuVersion, ...] = ("10", "7.2", "11.1")
 
 TAP_PREFIX = "qoh"  # every tap the lab makes starts with this
 NAME_PREFIX = "qoh-lab-"  # every QEMU the lab starts has -name qoh-lab-...
@@ -100,7 +103,7 @@ class Migration:
     dest_error: str  # what the destination printed on stderr
     source_state: str | None  # run state of the source afterwards (None: it is gone)
     dest_state: str | None  # run state of the destination afterwards (None: it exited)
-    offered_before: dict[str, int]  # qdev id -> bitmap offered by the source
+    offered_before: dict[str, int]  # qdev id -> bitmap offered by the source (empty where it cannot be read)
     offered_after: dict[str, int] | None  # qdev id -> bitmap offered by the destination, if it lives
 
     @property
@@ -123,25 +126,32 @@ def qemu_build(version: QemuVersion) -> QemuBuild:
         if binary is None:
             raise LabError("qemu-system-x86_64 (QEMU >= 10) is not installed: run scripts/setup.sh")
         return QemuBuild(binary, {}, ())
-    root = cache_dir() / "qemu-7.2"
+    root = cache_dir() / f"qemu-{version}"
     binary = str(root / "usr/bin/qemu-system-x86_64")
-    if not os.access(binary, os.X_OK):
-        raise LabError(f"QEMU 7.2 is not unpacked at {root}: run scripts/setup.sh")
+    if not os.access(binary, os.X_OK) or not (root / ".complete").exists():
+        raise LabError(f"QEMU {version} is not unpacked at {root}: run scripts/setup.sh")
     libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
-    env = {"QEMU_MODULE_DIR": f"{root}/usr/lib/x86_64-linux-gnu/qemu", "LD_LIBRARY_PATH": libs}
+    modules = {"QEMU_MODULE_DIR": f"{root}/usr/lib/x86_64-linux-gnu/qemu"}
+    if version == "11.1":
+        # Debian 13's QEMU with Debian 13's libraries, started through its own dynamic loader (NOTES, seen), with
+        # its own firmware and option ROMs.
+        loader = f"{root}/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+        return QemuBuild(loader, modules, ("--library-path", libs, binary, "-L", f"{root}/usr/share/qemu",
+                                           "-L", f"{root}/usr/share/seabios", "-L", f"{root}/usr/lib/ipxe/qemu"))
+    env = modules | {"LD_LIBRARY_PATH": libs}
     # Firmware and NIC option ROMs: the system's SeaBIOS and iPXE, then 7.2's own data (NOTES, seen).
     args = ("-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu", "-L", f"{root}/usr/share/qemu")
     return QemuBuild(binary, env, args)
 
 
-def prerequisites(*, guest: bool = True, qemu72: bool = True) -> list[str]:
+def prerequisites(*, guest: bool = True, qemu72: bool = True, qemu111: bool = True) -> list[str]:
     """What is missing for the lab to run, as sentences (empty: ready)."""
     problems = []
     if os.geteuid() != 0:
         problems.append("not root: tap devices need root")
     if not os.path.exists("/dev/net/tun"):
         problems.append("/dev/net/tun is missing")
-    versions: list[QemuVersion] = ["10", "7.2"] if qemu72 else ["10"]
+    versions = [v for v in VERSIONS if (v != "7.2" or qemu72) and (v != "11.1" or qemu111)]
     for version in versions:
         try:
             qemu_build(version)
@@ -209,6 +219,25 @@ class Vm:
     def alive(self) -> bool:
         return self.proc.returncode is None
 
+    @property
+    def version(self) -> tuple[int, int, int] | None:
+        greeting = self.qmp.greeting
+        if greeting is None:
+            return None
+        qemu = greeting.QMP.version["qemu"]
+        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])  # type: ignore[index]
+
+    @property
+    def status_readable(self) -> bool:
+        """Whether x-query-virtio-status is safe on this QEMU (the lab never sends what crashes it either)."""
+        return known_crash("x-query-virtio-status", None, self.version) is None
+
+    def guest_features(self) -> dict[str, int]:
+        """Guest interface -> the features its driver negotiated, as the guest itself printed them at boot
+        (``/sys/class/net/IF/device/features``: character i is bit i)."""
+        return {m.group(1): int(m.group(2)[::-1], 2)
+                for m in re.finditer(r"QOH-GUEST-NIC (\S+) ([01]+)", self.serial_text())}
+
     def stderr_text(self) -> str:
         return (self.dir / "stderr.log").read_text(errors="replace")
 
@@ -233,6 +262,8 @@ class Vm:
         return paths
 
     async def _statuses(self) -> dict[str, Any]:
+        if not self.status_readable:
+            raise LabError(f"{self.name}: x-query-virtio-status is known to crash QEMU {self.version}; not sent")
         return {nic: await self.execute("x-query-virtio-status", {"path": path})
                 for nic, path in (await self.virtio_paths()).items()}
 
@@ -325,10 +356,11 @@ class Lab:
         if rewrite is not None:
             argv = rewrite(argv)
         env = dict(os.environ) | dict(qemu_build(spec.qemu).env)
-        nouso = [taps[self._nic_key(n, i)] for i, n in enumerate(spec.nics) if n.backend == "tap-nouso"]
-        if nouso:
-            env["LD_PRELOAD"] = str(cache_dir() / "nouso.so")
-            env["QOH_NOUSO_TAPS"] = ",".join(nouso)
+        for kind, var in (("tap-nouso", "QOH_NOUSO_TAPS"), ("tap-notunnel", "QOH_NOTUNNEL_TAPS")):
+            listed = [taps[self._nic_key(n, i)] for i, n in enumerate(spec.nics) if n.backend == kind]
+            if listed:
+                env["LD_PRELOAD"] = str(cache_dir() / "nouso.so")
+                env[var] = ",".join(listed)
         (vmdir / "argv").write_text(" ".join(argv) + "\n")
         with open(vmdir / "stderr.log", "wb") as err:
             proc = await asyncio.create_subprocess_exec(
@@ -366,13 +398,17 @@ class Lab:
             if loop.time() > deadline:
                 raise LabError(f"{vm.name}: guest not ready after {self.boot_timeout} s; serial:\n{text[-2000:]}")
             await asyncio.sleep(0.1)
+        if not vm.status_readable:  # the guest's own report: one line per NIC whose virtio driver is bound
+            if len(vm.guest_features()) != len(vm.spec.nics):
+                raise LabError(f"{vm.name}: guest is up but a virtio-net driver is not: {vm.serial_text()[-2000:]}")
+            return
         status = await vm.driver_status()
         if not all(s & DRIVER_OK for s in status.values()):
             raise LabError(f"{vm.name}: guest is up but a virtio-net driver is not: {status}")
 
     async def migrate(self, src: Vm, dst: Vm, *, timeout: float = 180.0) -> Migration:
         """Migrate for real over a UNIX socket with ``return-path`` on both sides, and report."""
-        before = await src.features()
+        before = await src.features() if src.status_readable else {}
         caps = {"capabilities": [{"capability": "return-path", "state": True}]}
         await src.execute("migrate-set-capabilities", caps)
         await dst.execute("migrate-set-capabilities", caps)
@@ -392,7 +428,7 @@ class Lab:
             # A destination that failed to load exits; give it a moment so its stderr is complete.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(dst.proc.wait(), 10)
-        after = await dst.features() if status == "completed" and dst.alive else None
+        after = await dst.features() if status == "completed" and dst.alive and dst.status_readable else None
         return Migration(status, error, dst.stderr_text(), await src.run_state(), await dst.run_state(),
                          before, after)
 

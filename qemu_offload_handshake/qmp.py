@@ -1,9 +1,14 @@
 """A read-only QMP connection: an allowlist of query commands, a timeout on every call, errors converted.
 
 This is I/O shell code around ``qemu.qmp.QMPClient``. A precheck must never change the QEMU it looks at, so
-``ReadOnlyQMP.execute`` refuses, before anything is sent, every command not in ``READ_ONLY_COMMANDS``
-(``CommandNotAllowedError``). The QMP handshake itself (``qmp_capabilities``, sent by qemu.qmp while
-connecting) only negotiates the protocol.
+``ReadOnlyQMP.execute`` refuses, before anything is sent, every command not in ``READ_ONLY_COMMANDS`` (and any
+``human-monitor-command`` line other than those in ``HMP_READ_ONLY``): ``CommandNotAllowedError``. It must never
+crash it either: the QEMU version comes from the QMP greeting, before any command, and a command that
+``quirks.KNOWN_CRASHES`` lists for that version is refused too (``UnsafeCommandError``). The QMP handshake itself
+(``qmp_capabilities``, sent by qemu.qmp while connecting) only negotiates the protocol.
+
+For a UNIX socket the connection also learns the QEMU's process id (``SO_PEERCRED``), so that facts about its
+backends on this host can be read from ``/proc`` and ``/sys`` (``hostfacts``).
 """
 
 from __future__ import annotations
@@ -12,24 +17,42 @@ import asyncio
 import contextlib
 import re
 import socket
+import struct
 from collections.abc import Mapping
 from typing import Any, Self
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from .errors import CommandError, CommandNotAllowedError, ConnectError, ProbeError, QMPTimeoutError, UsageError
+from .errors import (
+    CommandError,
+    CommandNotAllowedError,
+    ConnectError,
+    ProbeError,
+    QMPTimeoutError,
+    UnsafeCommandError,
+    UsageError,
+)
+from .quirks import Version, known_crash
 
-__all__ = ["READ_ONLY_COMMANDS", "Address", "ReadOnlyQMP", "parse_address"]
+__all__ = ["HMP_READ_ONLY", "READ_ONLY_COMMANDS", "Address", "ReadOnlyQMP", "parse_address"]
 
 # Every command a precheck may send. Each only reads state (QEMU qapi/*.json: the query-* and x-query-* commands,
-# qom-list and qom-get return values and change nothing).
+# qom-list, qom-list-get and qom-get return values and change nothing). The README lists the same commands; a
+# test compares QEMU's own trace of a precheck with the README's list.
 READ_ONLY_COMMANDS = frozenset({
     "query-version",
+    "query-name",
+    "query-uuid",
     "x-query-virtio",
     "x-query-virtio-status",
     "qom-list",
+    "qom-list-get",
     "qom-get",
+    "human-monitor-command",  # only with a command line from HMP_READ_ONLY
 })
+# The exact HMP command lines allowed through human-monitor-command: "info network" prints each NIC's netdev
+# and its type (hmp_info_network in net/net.c), which no QMP query tells.
+HMP_READ_ONLY = frozenset({"info network"})
 
 Address = str | tuple[str, int]
 
@@ -66,6 +89,9 @@ class ReadOnlyQMP:
         self.address = address
         self.timeout = timeout
         self.sent: list[str] = []  # every command sent, in order (for diagnostics)
+        self.version: Version | None = None  # from the QMP greeting
+        self.package: str | None = None
+        self.peer_pid: int | None = None  # the QEMU's pid when connected over a UNIX socket on this host
         self._client = QMPClient()
 
     async def __aenter__(self) -> Self:
@@ -78,13 +104,46 @@ class ReadOnlyQMP:
     async def connect(self) -> None:
         where = describe(self.address)
         try:
-            await asyncio.wait_for(self._client.connect(self.address), self.timeout)
+            await asyncio.wait_for(self._connect(), self.timeout)
         except TimeoutError as err:
             await self.close()
             raise ConnectError(f"{where}: no QMP greeting within {self.timeout} s (QEMU stopped or hung?)") from err
         except (QMPError, OSError, socket.gaierror) as err:
             await self.close()
             raise ConnectError(f"{where}: cannot connect: {err}") from err
+
+    async def _connect(self) -> None:
+        if isinstance(self.address, tuple):
+            await self._client.connect(self.address)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                await asyncio.get_running_loop().sock_connect(sock, self.address)
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                pid = struct.unpack("3i", creds)[0]
+                self.peer_pid = pid if pid > 0 else None
+                await self._client.connect(sock)
+            except BaseException:
+                sock.close()
+                raise
+        self._read_greeting()
+
+    def _read_greeting(self) -> None:
+        """The version QEMU announces before any command (QMP greeting: ``{"QMP": {"version": {"qemu": ...,
+        "package": ...}}}``, qapi/control.json); anything unexpected leaves it unknown (every command the crash
+        table lists is then refused)."""
+        greeting = self._client.greeting
+        try:
+            raw = greeting.QMP.version if greeting is not None else {}
+            qemu = raw["qemu"]
+            version = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))  # type: ignore[index]
+            if all(0 <= v < 1 << 16 for v in version):
+                self.version = version
+            package = raw.get("package")
+            self.package = package.strip() or None if isinstance(package, str) else None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self.version = None
 
     async def close(self) -> None:
         # qemu.qmp re-raises, on disconnect, whatever ended the session: nothing left to do about it here.
@@ -94,6 +153,13 @@ class ReadOnlyQMP:
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         if command not in READ_ONLY_COMMANDS:
             raise CommandNotAllowedError(f"{command!r} is not a read-only command; not sent")
+        if command == "human-monitor-command" and (arguments or {}).get("command-line") not in HMP_READ_ONLY:
+            line = (arguments or {}).get("command-line")
+            raise CommandNotAllowedError(f"human-monitor-command {line!r} is not in the read-only list; not sent")
+        crash = known_crash(command, arguments, self.version)
+        if crash is not None:
+            shown = ".".join(map(str, self.version)) if self.version else "an unknown version"
+            raise UnsafeCommandError(f"{command} is known to crash QEMU {shown} ({crash.effect}); not sent")
         self.sent.append(command)
         where = describe(self.address)
         try:
