@@ -19,16 +19,18 @@ from .qmp import ReadOnlyQMP, describe, parse_address
 __all__ = ["precheck", "probe"]
 
 
-async def probe(address: str, *, timeout: float = 5.0, host: str | None = None) -> VmReport:
-    """One side's report, read over QMP with read-only commands; ``ProbeError`` if QEMU cannot be read at all."""
+async def probe(address: str, *, timeout: float = 5.0, host: str | None = None,
+                side: str | None = None) -> VmReport:
+    """One side's report, read over QMP with read-only commands; ``ProbeError`` if QEMU cannot be read at all.
+    ``side`` ("source" or "dest") is recorded in the report when given."""
     target = parse_address(address)
     async with ReadOnlyQMP(target, timeout=timeout) as qmp:
-        return await probe_vm(qmp, host=host or describe(target))
+        return await probe_vm(qmp, host=host or describe(target), side=side)
 
 
 async def _side(address: str, name: str, timeout: float) -> tuple[VmReport | None, str | None]:
     try:
-        return await probe(address, timeout=timeout), None
+        return await probe(address, timeout=timeout, side="source" if name == "source" else "dest"), None
     except ProbeError as err:
         return None, f"the {name} could not be probed: {err}"
 

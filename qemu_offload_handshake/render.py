@@ -20,8 +20,11 @@ def _finding(f: Finding) -> dict[str, Any]:
 def _side(report: VmReport | HostCapabilities | None) -> dict[str, Any] | None:
     if report is None:
         return None
-    return {"host": report.host, "qemu_version": ".".join(map(str, report.qemu_version or ())) or None,
-            "package": report.package, "machine": report.machine}
+    side: dict[str, Any] = {"host": report.host, "qemu_version": ".".join(map(str, report.qemu_version or ())) or None,
+                            "package": report.package, "machine": report.machine}
+    if isinstance(report, VmReport):
+        side |= {"vm_name": report.vm_name, "vm_uuid": report.vm_uuid, "made_at": report.made_at}
+    return side
 
 
 def verdict_json(v: Verdict) -> dict[str, Any]:
@@ -36,10 +39,20 @@ def verdict_json(v: Verdict) -> dict[str, Any]:
         "source": _side(v.source),
         "dest": _side(v.dest),
         "findings": [_finding(f) for f in v.findings if not f.device],
-        "devices": [{"id": key, "findings": [_finding(f) for f in v.device_findings(key)]} for key in keys],
+        "devices": [{"id": key, "derived": _derived(v, key),
+                     "findings": [_finding(f) for f in v.device_findings(key)]} for key in keys],
         "adjustments": v.adjustments,
         "recommendations": v.recommendations,
     }
+
+
+def _derived(v: Verdict, key: str) -> dict[str, list[str]]:
+    """Per side, the facts of this device that were derived rather than read (empty lists: all read)."""
+    out = {}
+    for name, report in (("source", v.source), ("dest", v.dest)):
+        nic = report.nic(key) if report else None
+        out[name] = list(nic.derived) if nic else []
+    return out
 
 
 def _nic_json(n: NicReport) -> dict[str, Any]:
@@ -48,13 +61,14 @@ def _nic_json(n: NicReport) -> dict[str, Any]:
     return {"qdev_id": n.qdev_id, "qom_path": n.qom_path, "netdev_id": n.netdev_id, "backend": n.backend,
             "properties": {k: str(t) for k, t in n.properties}, "offered": hexa(n.offered),
             "negotiated": hexa(n.negotiated), "driver_status": n.driver_status,
-            "backend_features": hexa(n.backend_features), "vnet_hdr": n.vnet_hdr, "unreadable": list(n.unreadable)}
+            "backend_features": hexa(n.backend_features), "vnet_hdr": n.vnet_hdr, "unreadable": list(n.unreadable),
+            "offered_undetermined": hexa(n.offered_unknown or None), "derived": list(n.derived)}
 
 
 def report_json(r: Any) -> dict[str, Any]:
     """Any decoded record as JSON-friendly data (bitmaps as hex strings: JSON numbers lose bits above 53)."""
     if isinstance(r, VmReport):
-        return {"type": "vm", **(_side(r) or {}), "nics": [_nic_json(n) for n in r.nics],
+        return {"type": "vm", **(_side(r) or {}), "side": r.side, "nics": [_nic_json(n) for n in r.nics],
                 "devices_known": r.devices_known, "unreadable": list(r.unreadable)}
     if isinstance(r, HostCapabilities):
         return {"type": "host", **(_side(r) or {}), "offers": {k: hex(b) for k, b in r.offers}}

@@ -15,7 +15,7 @@ from qemu_offload_handshake import lab
 
 # tests/fakeqmp.py is imported by the tests as "fakeqmp".
 sys.path.insert(0, os.path.dirname(__file__))
-from fakeqmp import TRANSCRIPT, FakeQMP, load_transcript
+from fakeqmp import TRANSCRIPT, FakeQMP, load_transcript, transcript_greeting
 
 Serve = Callable[..., Awaitable[str]]
 
@@ -61,7 +61,8 @@ async def serve() -> AsyncIterator[Serve]:
     servers: list[FakeQMP] = []
 
     async def start(transcript: str = TRANSCRIPT, **kw: Any) -> str:
-        server = FakeQMP(load_transcript(transcript), **kw)
+        version, package = transcript_greeting(transcript)
+        server = FakeQMP(load_transcript(transcript), **({"version": version, "package": package} | kw))
         path = f"{tmp}/{len(servers)}.sock"
         await server.start(path)
         servers.append(server)

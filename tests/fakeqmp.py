@@ -30,12 +30,20 @@ def load_transcript(name: str) -> dict[tuple[str, str], dict[str, Any]]:
     return {(cmd, json.dumps(args, sort_keys=True)): reply for cmd, args, reply in data["exchanges"]}
 
 
+def transcript_greeting(name: str) -> tuple[tuple[int, int, int], str]:
+    """The QEMU version and package the recorded QEMU announced in its QMP greeting."""
+    greeting = json.loads((DATA / f"transcript-{name}.json").read_text())["greeting"]
+    qemu = greeting["qemu"]
+    return (qemu["major"], qemu["minor"], qemu["micro"]), greeting["package"]
+
+
 @dataclass
 class FakeQMP:
     replies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     overrides: dict[str, Behaviour] = field(default_factory=dict)  # by command name
     greet: bool = True  # False: accept the connection and never send the greeting (a stopped QEMU)
     version: tuple[int, int, int] = (10, 0, 2)
+    package: str = "fake"
     received: list[str] = field(default_factory=list)
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -77,7 +85,7 @@ class FakeQMP:
                 return
             major, minor, micro = self.version
             greeting = {"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
-                                            "package": "fake"}, "capabilities": ["oob"]}}
+                                            "package": self.package}, "capabilities": ["oob"]}}
             writer.write(json.dumps(greeting).encode() + b"\r\n")
             async for message in _messages(reader):
                 self.received.append(message.get("execute", ""))
@@ -117,7 +125,8 @@ async def _messages(reader: asyncio.StreamReader) -> AsyncIterator[dict[str, Any
 
 
 async def _main(transcript: str, path: str) -> None:
-    server = FakeQMP(load_transcript(transcript))
+    version, package = transcript_greeting(transcript)
+    server = FakeQMP(load_transcript(transcript), version=version, package=package)
     await server.start(path)
     print("ready", flush=True)
     await asyncio.Event().wait()
