@@ -18,9 +18,11 @@ mkdir -p "$CACHE/debs"
 APT_UPDATED=0
 apt_update() { if [ "$APT_UPDATED" = 0 ]; then log "apt-get update"; apt-get update -qq; APT_UPDATED=1; fi; }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-mirror_uri() { # the Debian mirror the machine already uses
+mirror_uri() { # the Debian mirror the machine already uses (deb822 or one-line format; not the security one)
   local uri
-  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  uri=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z+]+:\/\//) {
+                           if ($i !~ /security/) {print $i; exit} else break}}' /etc/apt/sources.list 2>/dev/null || true)
   printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }
 add_source() { # name suite pin(optional)
@@ -40,8 +42,8 @@ add_source() { # name suite pin(optional)
 
 # --- 1. apt sources: QEMU >= 10, the 6.12 cloud kernel, and QEMU 7.2 (bookworm's) -----------------------
 case "${VERSION_CODENAME:-}" in
-  bookworm) add_source qoh-backports bookworm-backports; QEMU_SUITE=bookworm-backports; KMETA=linux-image-6.12-cloud-amd64 ;;
-  trixie) add_source qoh-bookworm bookworm 1; QEMU_SUITE=trixie; KMETA=linux-image-cloud-amd64 ;;
+  bookworm) add_source qoh-backports bookworm-backports; QEMU_SUITE=bookworm-backports ;;
+  trixie) add_source qoh-bookworm bookworm 1; QEMU_SUITE=trixie ;;
   *) die "unsupported system '${PRETTY_NAME:-unknown}': Debian 12 or 13 needed" ;;
 esac
 
@@ -97,11 +99,26 @@ fi
 [ -x "$Q111/usr/bin/qemu-system-x86_64" ] || die "QEMU 11.1 is not unpacked in $Q111"
 
 # --- 4. guest kernel (Debian cloud 6.12) and a busybox initramfs that loads virtio_net --------------------
+# The kernel package behind whichever metapackage resolves to 6.12 in the machine's suites: linux-image-6.12-cloud-amd64
+# (bookworm-security), else linux-image-cloud-amd64 in any suite where it is 6.12 (bookworm-backports on a minimal
+# Debian 12 with only bookworm main of its own, trixie main on Debian 13). Newest version first.
+kernel_pkg() {
+  local meta ver dep
+  for meta in linux-image-6.12-cloud-amd64 linux-image-cloud-amd64; do
+    for ver in $(apt-cache madison "$meta" 2>/dev/null | awk -F'|' '{gsub(/ /, "", $2); print $2}' | sort -uVr); do
+      dep=$(apt-cache show "$meta=$ver" 2>/dev/null | sed -n 's/^Depends: //p' | tr ',' '\n' \
+            | grep -oE '^ *linux-image-6\.12\.[^ ]*-cloud-amd64(-unsigned)?( |$)' | tr -d ' ' | head -n 1 || true)
+      [ -n "$dep" ] || continue
+      case "$(apt-cache policy "$dep" 2>/dev/null)" in *"Candidate: (none)"*|"") continue ;; esac
+      printf '%s\n' "$dep"; return 0
+    done
+  done
+}
 GUEST=$CACHE/guest
 if [ ! -e "$GUEST/.complete" ]; then
   apt_update
-  kpkg=$(apt-cache depends "$KMETA" | awk '/Depends: linux-image-/ {print $2; exit}')
-  [ -n "$kpkg" ] || die "cannot resolve $KMETA to a kernel package"
+  kpkg=$(kernel_pkg)
+  [ -n "$kpkg" ] || die "no 6.12 cloud kernel in the apt sources (linux-image-6.12-cloud-amd64 or linux-image-cloud-amd64)"
   rm -rf "$GUEST" "$CACHE/debs/kernel/root"; mkdir -p "$CACHE/debs/kernel" "$GUEST"
   if ! ls "$CACHE/debs/kernel/${kpkg}_"*.deb >/dev/null 2>&1; then
     log "downloading guest kernel $kpkg"
