@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import math
+import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .api import precheck, probe
+from .argv import apply_adjustments, check_adjustments
 from .decide import Mode, Verdict, decide
 from .errors import HandshakeError, ProbeError, UsageError
-from .model import VmReport
+from .model import MAX_STRING_BYTES, VmReport
 from .policy import Policy, load_policy
 from .render import EXIT_CODES, report_json, verdict_json, verdict_table
 from .wire import decode, encode
@@ -28,18 +32,60 @@ __all__ = ["main"]
 EXIT_USAGE, EXIT_UNKNOWN = 2, 4
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, like every other usage error (argparse would print the whole usage first)."""
+        self.exit(EXIT_USAGE, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
+    return value
+
+
+def _host(text: str) -> str:
+    """``--host``: recorded in the report, so it must be text the wire format can hold."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8 text") from None
+    if not text or size > MAX_STRING_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_STRING_BYTES} bytes of text, not {size}")
+    return text
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise UsageError(f"{what} {path}: {err.strerror or err}") from err
+
+
+def _utf8(data: bytes, path: str, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+                         ) from None
+
+
 def _policy(args: argparse.Namespace) -> Policy:
     base = load_policy(args.policy) if args.policy else Policy()
     return base.merged(on=args.on or (), off=args.off or ())
 
 
 def _key(args: argparse.Namespace) -> bytes | None:
+    """The key in ``--key-file``: UTF-8 text, without surrounding whitespace (a trailing newline is not part of it)."""
     if not getattr(args, "key_file", None):
         return None
-    try:
-        key = Path(args.key_file).read_bytes().strip()
-    except OSError as err:
-        raise UsageError(f"key file {args.key_file}: {err.strerror or err}") from err
+    data = _read_bytes(args.key_file, "key file")
+    _utf8(data, args.key_file, "key file")
+    key = data.strip()
     if not key:
         raise UsageError(f"key file {args.key_file} is empty")
     return key
@@ -54,10 +100,7 @@ def _print_verdict(verdict: Verdict, as_json: bool) -> int:
 
 
 def _read_record(path: str, key: bytes | None) -> Any:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise UsageError(f"{path}: {err.strerror or err}") from err
+    data = _read_bytes(path, "report file")
     try:
         return decode(data, key=key)
     except HandshakeError as err:
@@ -74,20 +117,22 @@ def _decision_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qemu_offload_handshake", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m qemu_offload_handshake", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("precheck", help="probe both QEMUs over QMP and decide")
     p.add_argument("--source", required=True, metavar="ADDR", help="unix:/path, a path, or tcp:HOST:PORT")
     p.add_argument("--dest", required=True, metavar="ADDR")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="timeout of each QMP call (default 5)")
+    p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S",
+                   help="timeout of each QMP call (default 5)")
     _decision_args(p)
     p = sub.add_parser("probe", help="write one side's report in the wire format")
     p.add_argument("address", metavar="ADDR")
     p.add_argument("--out", required=True, metavar="FILE")
-    p.add_argument("--host", help="host name to record (default: this machine's)")
-    p.add_argument("--timeout", type=float, default=5.0, metavar="S")
-    p.add_argument("--key-file", metavar="FILE", help="sign the record with HMAC-SHA256 using this key")
+    p.add_argument("--host", type=_host, help="host name to record (default: this machine's)")
+    p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="sign the record with HMAC-SHA256 using this key (a text file)")
     p = sub.add_parser("decode", help="print a wire-format file as JSON")
     p.add_argument("file")
     p.add_argument("--key-file", metavar="FILE", help="require a valid HMAC made with this key")
@@ -98,25 +143,79 @@ def _parser() -> argparse.ArgumentParser:
     _decision_args(p)
     p = sub.add_parser("adjust-argv", help="print a destination command line with the adjustments applied")
     p.add_argument("--adjustments", required=True, metavar="JSON",
-                   help='{"net0": {"host_uso": "off"}} or a precheck --json output (file or text)')
+                   help='{"net0": {"host_uso": "off"}} or a precheck --json output (file or text); a blocked '
+                        'or unknown verdict exits 1 or 4 with its reasons')
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- followed by the QEMU command line")
     sub.add_parser("demo", help="start local QEMU pairs and show compatible, adjustable and blocked cases")
     return parser
 
 
+class _Refused(Exception):
+    """The adjustments come from a precheck whose verdict cannot be adjusted: exit with that verdict's code."""
+
+    def __init__(self, verdict: str, message: str) -> None:
+        super().__init__(message)
+        self.code = EXIT_CODES[verdict]
+
+
+def _reasons(data: dict[str, Any], severities: tuple[str, ...]) -> list[str]:
+    """The ``why`` of each finding of a precheck's JSON with one of ``severities``, once each."""
+    found: list[tuple[str, Any]] = [("", f) for f in data.get("findings") or () if isinstance(f, dict)]
+    for device in data.get("devices") or ():
+        if isinstance(device, dict):
+            found += [(str(device.get("id", "")), f) for f in device.get("findings") or () if isinstance(f, dict)]
+    reasons: list[str] = []
+    for dev, finding in found:
+        if finding.get("severity") in severities and isinstance(finding.get("why"), str):
+            reason = f"{dev}: {finding['why']}" if dev else finding["why"]
+            if reason not in reasons:
+                reasons.append(reason)
+    return reasons
+
+
 def _adjustments(text: str) -> dict[str, dict[str, str]]:
-    path = Path(text)
+    """``--adjustments``: JSON text or a file, holding the adjustments themselves or a precheck's ``--json`` output
+    (recognised by its ``verdict``)."""
+    if text.lstrip()[:1] in ("{", "["):
+        where, raw = "--adjustments", text
+    else:
+        where, raw = f"--adjustments file {text}", _utf8(_read_bytes(text, "--adjustments file"), text,
+                                                         "--adjustments file")
     try:
-        raw = path.read_text() if not text.lstrip().startswith("{") and path.exists() else text
         data = json.loads(raw)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"--adjustments: {err}") from err
-    if isinstance(data, dict) and "adjustments" in data:
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise UsageError(f"{where}: not valid JSON: nested too deeply") from None
+    if isinstance(data, dict) and "verdict" in data:
+        verdict = data["verdict"]
+        if verdict in ("blocked", "unknown"):
+            severities = ("blocker",) if verdict == "blocked" else ("blocker", "unknown")
+            reasons = "; ".join(_reasons(data, severities)) or "the precheck gives no reason"
+            raise _Refused(verdict, f"the precheck's verdict is {verdict}, so no adjustment makes the destination "
+                                    f"compatible: {reasons}")
+        if verdict not in ("compatible", "adjustable"):
+            raise UsageError(f"{where}: unknown verdict {verdict!r} (compatible, adjustable, blocked or unknown)")
+        data = data.get("adjustments", {})
+    elif (isinstance(data, dict) and set(data) == {"adjustments"} and isinstance(data["adjustments"], dict)
+          and all(isinstance(v, dict) for v in data["adjustments"].values())):
         data = data["adjustments"]
-    if not isinstance(data, dict) or not all(
-            isinstance(v, dict) and all(x in ("on", "off") for x in v.values()) for v in data.values()):
-        raise UsageError('--adjustments must look like {"net0": {"host_uso": "off"}}')
-    return data
+    try:
+        return check_adjustments(data)
+    except UsageError as err:
+        raise UsageError(f"{where}: {err}") from None
+
+
+def _check_out(out: str) -> None:
+    """Refuse an output file that cannot be written, before anything is probed."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: folder {folder} is not writable")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,12 +224,18 @@ def _run(args: argparse.Namespace) -> int:
                                        timeout=args.timeout))
         return _print_verdict(verdict, args.json)
     if args.command == "probe":
+        key = _key(args)  # a bad key or output file never costs a probe
+        _check_out(args.out)
         try:
             report = asyncio.run(probe(args.address, timeout=args.timeout, host=args.host or socket.gethostname()))
         except ProbeError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_UNKNOWN
-        Path(args.out).write_bytes(encode(report, key=_key(args)))
+        data = encode(report, key=key)
+        try:
+            Path(args.out).write_bytes(data)
+        except OSError as err:
+            raise UsageError(f"--out {args.out}: {err.strerror or err}") from err
         print(f"wrote {args.out}: {len(report.nics)} virtio-net device(s), {len(report.unreadable)} unreadable fact(s)")
         return 0
     if args.command == "decode":
@@ -145,11 +250,15 @@ def _run(args: argparse.Namespace) -> int:
         verdict = decide(src, dst, mode=Mode.LENIENT if args.lenient else Mode.STRICT, policy=_policy(args))
         return _print_verdict(verdict, args.json)
     if args.command == "adjust-argv":
-        from .argv import apply_adjustments
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        try:
+            adjustments = _adjustments(args.adjustments)
+        except _Refused as refused:
+            print(f"error: {refused}", file=sys.stderr)
+            return refused.code
         if not argv:
             raise UsageError("give the QEMU command line after --")
-        print(json.dumps(apply_adjustments(argv, _adjustments(args.adjustments))))
+        print(json.dumps(apply_adjustments(argv, adjustments)))
         return 0
     if args.command == "demo":
         from .demo import run_demo
@@ -158,6 +267,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Arguments are decoded with surrogateescape; print their undecodable bytes back as they came, whatever
+        # the locale's error handler.
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = _parser().parse_args(argv)
     try:
         return _run(args)
@@ -169,3 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNKNOWN
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `... | head -1`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
