@@ -211,10 +211,11 @@ def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> Non
             if assumed else "the guest uses it"
         for bit in bits_of(src.negotiated & ~dst.offered):
             if (src.offered_unknown | dst.offered_unknown) >> bit & 1:
+                sides = _sides(src.offered_unknown >> bit & 1, dst.offered_unknown >> bit & 1)
                 _bit_finding(c, key, Severity.UNKNOWN, "negotiated-undetermined",
-                             f"{uses}, and whether the {'destination' if dst.offered_unknown >> bit & 1 else 'source'}"
-                             " offers it cannot be told safely: if the guest uses it and the destination lacks it,"
-                             " QEMU will refuse the load.", bit, src, dst)
+                             f"{uses}, and whether the {sides}"
+                             f" offers it cannot be told safely (it depends on {_cause(bit, known=False)}): if the "
+                             "guest uses it and the destination lacks it, QEMU will refuse the load.", bit, src, dst)
                 continue
             _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
                          f"{uses} and the destination does not offer it ({_cause(bit)}): QEMU will "

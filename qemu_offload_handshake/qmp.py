@@ -23,6 +23,7 @@ from typing import Any, Self
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
+from . import quirks
 from .errors import (
     CommandError,
     CommandNotAllowedError,
@@ -151,15 +152,16 @@ class ReadOnlyQMP:
             await asyncio.wait_for(self._client.disconnect(), self.timeout)
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
+        crash = known_crash(command, arguments, self.version)
+        if crash is not None:
+            shown = ".".join(map(str, self.version)) if self.version else "an unknown version"
+            raise UnsafeCommandError(f"{quirks.command_key(command, arguments)} is known to crash QEMU {shown} "
+                                     f"({crash.effect}); not sent")
         if command not in READ_ONLY_COMMANDS:
             raise CommandNotAllowedError(f"{command!r} is not a read-only command; not sent")
         if command == "human-monitor-command" and (arguments or {}).get("command-line") not in HMP_READ_ONLY:
             line = (arguments or {}).get("command-line")
             raise CommandNotAllowedError(f"human-monitor-command {line!r} is not in the read-only list; not sent")
-        crash = known_crash(command, arguments, self.version)
-        if crash is not None:
-            shown = ".".join(map(str, self.version)) if self.version else "an unknown version"
-            raise UnsafeCommandError(f"{command} is known to crash QEMU {shown} ({crash.effect}); not sent")
         self.sent.append(command)
         where = describe(self.address)
         try:

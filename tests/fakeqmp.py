@@ -42,9 +42,10 @@ class FakeQMP:
     replies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     overrides: dict[str, Behaviour] = field(default_factory=dict)  # by command name
     greet: bool = True  # False: accept the connection and never send the greeting (a stopped QEMU)
-    version: tuple[int, int, int] = (10, 0, 2)
+    version: tuple[int, int, int] | None = (10, 0, 2)  # None: a greeting without a version
     package: str = "fake"
-    received: list[str] = field(default_factory=list)
+    received: list[str] = field(default_factory=list)  # every command that arrived, in order
+    hmp_lines: list[str] = field(default_factory=list)  # every human-monitor-command line that arrived
     _server: asyncio.AbstractServer | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
 
@@ -83,12 +84,16 @@ class FakeQMP:
             if not self.greet:
                 await reader.read()  # say nothing until the client gives up
                 return
-            major, minor, micro = self.version
-            greeting = {"QMP": {"version": {"qemu": {"major": major, "minor": minor, "micro": micro},
-                                            "package": self.package}, "capabilities": ["oob"]}}
+            version: dict[str, Any] = {}
+            if self.version is not None:
+                major, minor, micro = self.version
+                version = {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": self.package}
+            greeting = {"QMP": {"version": version, "capabilities": ["oob"]}}
             writer.write(json.dumps(greeting).encode() + b"\r\n")
             async for message in _messages(reader):
                 self.received.append(message.get("execute", ""))
+                if message.get("execute") == "human-monitor-command":
+                    self.hmp_lines.append(str((message.get("arguments") or {}).get("command-line")))
                 answer = self._answer(message)
                 if answer == HANG:
                     continue
