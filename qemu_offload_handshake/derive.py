@@ -2,8 +2,10 @@
 
 QEMU builds what a virtio-net device offers (``hw/net/virtio-net.c``, ``virtio_net_get_features``; the same in
 10.2 and 11.1) from its properties, always adds MAC, and then silently clears bits its backend cannot do;
-virtio-pci then adds VERSION_1 (modern) and VIRTIO_F_BAD_FEATURE, bit 30 (legacy)
-(``hw/virtio/virtio-pci.c``, ``virtio_pci_device_plugged``). The transport properties (``indirect_desc``,
+virtio-pci then adds VERSION_1 (modern) and VIRTIO_F_BAD_FEATURE, bit 30 (``hw/virtio/virtio-pci.c``,
+``virtio_pci_device_plugged``): seen on real QEMU 10.0 and 7.2 whether legacy virtio is on (a root-bus slot)
+or off (behind a PCIe root port), so it follows the PCI transport, not its legacy mode
+(``tests/test_derive_real.py``). The transport properties (``indirect_desc``,
 ``event_idx``, ``notify_on_empty``, ``any_layout``, ``iommu_platform``, ``packed``, ``queue_reset``,
 ``in_order``) live on ``VirtIODevice.host_features`` itself (``DEFINE_VIRTIO_COMMON_FEATURES`` in
 ``hw/virtio/virtio.c``), so reading them gives the *effective* bits; the virtio-net properties live on
@@ -91,10 +93,10 @@ class Derived:
     reasons: tuple[str, ...]  # why bits are undetermined, one sentence per cause
 
 
-def derive_offered(props: Mapping[str, Tri], backend: Backend, *, modern: bool | None, legacy: bool | None,
+def derive_offered(props: Mapping[str, Tri], backend: Backend, *, modern: bool | None, pci: bool | None,
                    host_mtu: int = 0, failover: bool = False, speed: int = -1) -> Derived:
-    """Offered bits from the declared properties (values as QEMU reports them), the PCI transport mode and the
-    backend facts. ``modern``/``legacy``: the proxy's resolved ``disable-modern``/``disable-legacy`` negated."""
+    """Offered bits from the declared properties (values as QEMU reports them), the PCI transport and the
+    backend facts. ``modern``: the proxy's ``disable-modern`` negated; ``pci``: whether the transport is PCI."""
     requested = mask_of(BY_PROPERTY[p].bit for p, tri in props.items() if tri is Tri.ON and p in BY_PROPERTY)
     requested |= 1 << _MAC
     if host_mtu:
@@ -125,7 +127,7 @@ def derive_offered(props: Mapping[str, Tri], backend: Backend, *, modern: bool |
             known &= ~masked
             unknown |= masked
             reasons.append("whether a vhost backend masks these bits cannot be read safely from this QEMU")
-    for flag, bit, name in ((modern, _VERSION_1, "disable-modern"), (legacy, _BAD_FEATURE, "disable-legacy")):
+    for flag, bit, name in ((modern, _VERSION_1, "disable-modern"), (pci, _BAD_FEATURE, "kind")):
         if flag is None:
             unknown |= 1 << bit
             reasons.append(f"the PCI transport's {name} could not be read")

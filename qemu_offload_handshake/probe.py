@@ -276,10 +276,10 @@ def _derived_fields(props: dict[str, Tri], backend: Backend, proxy: dict[str, ob
         raw = proxy.get(key)
         return {True: True, False: False, "on": True, "off": False}.get(raw) if isinstance(raw, (bool, str)) \
             else None
-    modern, legacy = onoff("disable-modern"), onoff("disable-legacy")
+    modern = onoff("disable-modern")
     mtu, speed = value.get("host_mtu"), value.get("speed")
     derived = derive_offered(props, backend, modern=None if modern is None else not modern,
-                             legacy=None if legacy is None else not legacy,
+                             pci=True if "disable-legacy" in proxy else None,
                              host_mtu=mtu if isinstance(mtu, int) else 0, failover=value.get("failover") is True,
                              speed=speed if isinstance(speed, int) else -1)
     # The guest's negotiated features cannot be read: decide as if it negotiated everything that may be offered.
