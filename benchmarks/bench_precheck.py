@@ -7,6 +7,7 @@ Run as root after scripts/setup.sh:  .venv/bin/python benchmarks/bench_precheck.
 2. 1,000 VM pairs served by the fake QMP server (a separate process replaying a real QEMU's answers for a 4-NIC
    VM): prechecks per second and peak Python memory at 50, 200 and 1,000 pairs, 32 at a time. The cost per pair
    should stay flat (linear growth).
+3. QEMU 11.1 with 4 NICs: the probe with one qom-list-get (QEMU 10.1+) against one qom-get per property.
 """
 
 from __future__ import annotations
@@ -76,6 +77,33 @@ async def real_qemu() -> None:
     print(f"   ratio to {n} commands' floor: {p_best / n_best:.2f}x best, {p_med / n_med:.2f}x median")
 
 
+async def batch_read() -> None:
+    """QEMU 11.1 (no x-query-virtio-status): one qom-list-get for every device vs one qom-get per property."""
+    if prerequisites(guest=False, qemu72=False, qemu111=True):
+        print("3. QEMU 11.1: skipped (not installed: run scripts/setup.sh)")
+        return
+    from qemu_offload_handshake.probe import probe_vm
+    async with Lab() as lab:
+        vm = await lab.start(VmSpec(qemu="11.1", nics=tuple(Nic(f"net{i}") for i in range(4))))
+        async with ReadOnlyQMP(parse_address(vm.address)) as qmp:
+            counts, results = {}, {}
+            for batch in (True, False):
+                before = len(qmp.sent)
+                report = await probe_vm(qmp, host="bench", batch=batch)
+                counts[batch] = len(qmp.sent) - before
+                results[batch] = [(n.offered, n.offered_unknown, n.properties) for n in report.nics]
+
+                async def once(b: bool = batch) -> None:
+                    await probe_vm(qmp, host="bench", batch=b)
+                results[batch].append(await best_of(30, once))  # type: ignore[arg-type]
+    (b_best, b_med), (g_best, g_med) = results[True].pop(), results[False].pop()  # type: ignore[misc]
+    assert results[True] == results[False], "qom-list-get and qom-get must give the same report"
+    print("3. QEMU 11.1, one paused VM with 4 NICs, probe of one side (best of 30 / median)")
+    print(f"   qom-list-get (10.1+): {counts[True]:3d} commands, {b_best * 1e3:6.2f} / {b_med * 1e3:6.2f} ms")
+    print(f"   qom-get per property: {counts[False]:3d} commands, {g_best * 1e3:6.2f} / {g_med * 1e3:6.2f} ms")
+    print(f"   qom-list-get saves {1 - b_med / g_med:.0%} of the time ({g_med / b_med:.1f}x faster, median)")
+
+
 async def fleet() -> None:
     with tempfile.TemporaryDirectory(prefix="qoh-bench-") as tmp:
         sock = f"{tmp}/fake.sock"
@@ -112,6 +140,7 @@ async def fleet() -> None:
 
 async def main() -> None:
     await real_qemu()
+    await batch_read()
     await fleet()
 
 

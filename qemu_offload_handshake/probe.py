@@ -170,11 +170,13 @@ async def _none() -> None:
     return None
 
 
-async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, derive: bool = False) -> VmReport:
+async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, derive: bool = False,
+                   batch: bool | None = None) -> VmReport:
     """Read one VM's report. QEMU error replies become ``unreadable`` notes; a dead link raises ``ProbeError``.
 
     ``derive=True`` derives the offered bitmaps even where x-query-virtio-status is safe (to check the
-    derivation against what QEMU reports)."""
+    derivation against what QEMU reports); ``batch=False`` reads properties one ``qom-get`` at a time even where
+    ``qom-list-get`` exists (to measure what it saves)."""
     notes: list[str] = []
     version = qmp.version
     machine, devices, network, name, uuid = await asyncio.gather(
@@ -197,7 +199,8 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     netdevs = parse_info_network(network)
     nic_notes: list[list[str]] = [[] for _ in paths]
     status_safe = not derive and known_crash("x-query-virtio-status", None, version) is None
-    batch = version is not None and version >= _QOM_LIST_GET
+    if batch is None:
+        batch = version is not None and version >= _QOM_LIST_GET
     devs = [split_virtio_path(p)[1] for p in paths]
     rounds: list[Awaitable[Any]] = [
         _try(qmp.execute("x-query-virtio-status", {"path": p}), n, "x-query-virtio-status") if status_safe
