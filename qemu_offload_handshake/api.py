@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 from .decide import Mode, Verdict, decide
-from .errors import ProbeError
+from .errors import HandshakeError, UsageError
 from .model import VmReport
 from .policy import Policy
 from .probe import probe_vm
@@ -31,16 +32,21 @@ async def probe(address: str, *, timeout: float = 5.0, host: str | None = None,
 async def _side(address: str, name: str, timeout: float) -> tuple[VmReport | None, str | None]:
     try:
         return await probe(address, timeout=timeout, side="source" if name == "source" else "dest"), None
-    except ProbeError as err:
+    except UsageError:
+        raise
+    except HandshakeError as err:  # unreachable, hung, or answers that make no valid report: unknown, not a raise
         return None, f"the {name} could not be probed: {err}"
 
 
 async def precheck(source: str, dest: str, *, lenient: bool = False, policy: Policy | None = None,
                    timeout: float = 5.0) -> Verdict:
     """Probe ``source`` and ``dest`` (QMP addresses) concurrently and decide. Never raises for an unreachable or
-    hung QEMU: that is an ``unknown`` verdict with the reason. Bad addresses raise ``UsageError``."""
+    hung QEMU, or for any reply QEMU gives: that is an ``unknown`` verdict with the reason. Bad addresses and a
+    timeout that is not a positive finite number raise ``UsageError``."""
     parse_address(source)
     parse_address(dest)
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
     (src, p1), (dst, p2) = await asyncio.gather(_side(source, "source", timeout), _side(dest, "destination", timeout))
     return decide(src, dst, mode=Mode.LENIENT if lenient else Mode.STRICT, policy=policy,
                   problems=[p for p in (p1, p2) if p])

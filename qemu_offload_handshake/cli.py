@@ -14,13 +14,14 @@ import math
 import os
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from .api import precheck, probe
 from .argv import apply_adjustments, check_adjustments
-from .decide import Mode, Verdict, decide
+from .decide import Mode, Verdict, decide, different_vms, report_warnings, with_warnings
 from .errors import HandshakeError, ProbeError, UsageError
 from .model import MAX_STRING_BYTES, VmReport
 from .policy import Policy, load_policy
@@ -30,6 +31,7 @@ from .wire import decode, encode
 __all__ = ["main"]
 
 EXIT_USAGE, EXIT_UNKNOWN = 2, 4
+DEFAULT_MAX_AGE = 600  # seconds: a report for a migration about to start should be minutes old, not hours
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +47,16 @@ def _timeout(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
 
 
@@ -133,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S")
     p.add_argument("--key-file", metavar="FILE",
                    help="sign the record with HMAC-SHA256 using this key (a text file)")
+    p.add_argument("--side", choices=("source", "dest"), help="record which side of a migration this VM is")
     p = sub.add_parser("decode", help="print a wire-format file as JSON")
     p.add_argument("file")
     p.add_argument("--key-file", metavar="FILE", help="require a valid HMAC made with this key")
@@ -140,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source_file")
     p.add_argument("dest_file")
     p.add_argument("--key-file", metavar="FILE", help="require valid HMACs made with this key")
+    p.add_argument("--max-age", type=_seconds, default=DEFAULT_MAX_AGE, metavar="S",
+                   help=f"warn about a report older than S seconds (default {DEFAULT_MAX_AGE})")
+    p.add_argument("--allow-different-vms", action="store_true",
+                   help="compare reports whose VM UUID or name differ (refused by default)")
     _decision_args(p)
     p = sub.add_parser("adjust-argv", help="print a destination command line with the adjustments applied")
     p.add_argument("--adjustments", required=True, metavar="JSON",
@@ -227,7 +244,8 @@ def _run(args: argparse.Namespace) -> int:
         key = _key(args)  # a bad key or output file never costs a probe
         _check_out(args.out)
         try:
-            report = asyncio.run(probe(args.address, timeout=args.timeout, host=args.host or socket.gethostname()))
+            report = asyncio.run(probe(args.address, timeout=args.timeout, host=args.host or socket.gethostname(),
+                                       side=args.side))
         except ProbeError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_UNKNOWN
@@ -247,8 +265,12 @@ def _run(args: argparse.Namespace) -> int:
         for name, record in ((args.source_file, src), (args.dest_file, dst)):
             if not isinstance(record, VmReport):
                 raise UsageError(f"{name} is not a VM report")
+        problem = different_vms(src, dst)
+        if problem and not args.allow_different_vms:
+            raise UsageError(f"{problem}; pass --allow-different-vms to compare them anyway")
         verdict = decide(src, dst, mode=Mode.LENIENT if args.lenient else Mode.STRICT, policy=_policy(args))
-        return _print_verdict(verdict, args.json)
+        warnings = report_warnings(src, dst, now=int(time.time()), max_age=args.max_age, verified=key is not None)
+        return _print_verdict(with_warnings(verdict, warnings), args.json)
     if args.command == "adjust-argv":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         try:

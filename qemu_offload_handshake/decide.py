@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .features import (
     BY_BIT,
@@ -40,7 +40,8 @@ from .features import (
 from .model import NicReport, Tri, VmReport
 from .policy import Policy
 
-__all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide"]
+__all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "different_vms", "report_warnings",
+           "with_warnings"]
 
 
 class Outcome(enum.Enum):
@@ -251,6 +252,11 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
                      f"it cannot be told safely (it depends on {_cause(bit, known=False)}), so the guest ABI "
                      "cannot be proven identical.", bit, src, dst)
     missing = src.offered & ~dst.offered & ~undetermined
+    if missing and mode is Mode.LENIENT and not src.negotiated and "negotiated" not in src.derived:
+        c.add(key, Severity.WARNING, "negotiation-pending",
+              "the guest's driver has negotiated nothing yet (booting, or paused before its driver loaded): it may "
+              "still negotiate a feature the destination does not offer before the switchover, and the load would "
+              "then fail; migrate with a re-check at the switchover, or use strict mode.")
     for bit in bits_of(missing):
         negotiated = src.negotiated is not None and bool(src.negotiated >> bit & 1)
         if negotiated:
@@ -308,8 +314,9 @@ def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, polic
             _bit_finding(c, key, Severity.BLOCKER, "policy-off-source",
                          f"policy requires {prop}=off but the source offers it; a running guest cannot be "
                          "changed.", bit, src, dst)
-        elif want is Tri.OFF and in_dst and prop not in overrides:
-            if dst.prop(prop) is Tri.UNSET:
+        elif want is Tri.OFF and in_dst:
+            # never passed silently: even where lenient mode would only recommend the override, policy adjusts
+            if dst.prop(prop) is Tri.UNSET and prop not in overrides:
                 _bit_finding(c, key, Severity.BLOCKER, "policy-off-fixed",
                              f"policy requires {prop}=off; the destination offers it and has no such property.",
                              bit, src, dst)
@@ -332,6 +339,40 @@ def _outcome(findings: Iterable[Finding]) -> Outcome:
     if Severity.ADJUST in severities:
         return Outcome.ADJUSTABLE
     return Outcome.COMPATIBLE
+
+
+def with_warnings(verdict: Verdict, warnings: Iterable[tuple[str, str]]) -> Verdict:
+    """The verdict with VM-wide warnings added (``(code, sentence)``): they inform, the outcome stays."""
+    extra = tuple(Finding("", Severity.WARNING, code, why) for code, why in warnings)
+    findings = tuple(sorted(verdict.findings + extra, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
+    return replace(verdict, findings=findings)
+
+
+def report_warnings(source: VmReport, dest: VmReport, *, now: int, max_age: int,
+                    verified: bool) -> list[tuple[str, str]]:
+    """What an operator deciding from two report files should know: old reports, unsigned ones, swapped sides."""
+    warnings = []
+    for name, report in (("source", source), ("destination", dest)):
+        if report.made_at is None:
+            warnings.append(("report-age-unknown", f"the {name} report does not say when it was made."))
+        elif now - report.made_at > max_age:
+            warnings.append(("report-old", f"the {name} report is {now - report.made_at} s old (limit {max_age} s): "
+                                           "the VM may have changed since; probe again."))
+    if (source.side, dest.side) == ("dest", "source"):
+        warnings.append(("report-sides-swapped", "the first report was made of a destination and the second of a "
+                                                 "source: check the order of the files."))
+    if not verified:
+        warnings.append(("report-unsigned", "the reports were not HMAC-verified (no --key-file): anyone who could "
+                                            "write the files could have changed them."))
+    return warnings
+
+
+def different_vms(source: VmReport, dest: VmReport) -> str | None:
+    """Why two reports describe different VMs (UUID or name differ where both are known), or None."""
+    for what, a, b in (("UUID", source.vm_uuid, dest.vm_uuid), ("name", source.vm_name, dest.vm_name)):
+        if a is not None and b is not None and a != b:
+            return f"the reports describe different VMs ({what} {a!r} vs {b!r})"
+    return None
 
 
 def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.STRICT,

@@ -88,6 +88,8 @@ class VmSpec:
     nics: tuple[Nic, ...] = (Nic("net0"),)
     mode: Mode = "paused"
     memory_mb: int = 256
+    vm_name: str = "vm"  # QEMU's -name is qoh-lab-<pid>-<vm_name>: a source and its destination share it, as with
+    # libvirt, Nova and KubeVirt (the precheck's `check` refuses reports of different VMs)
 
     def destination(self, backends: Mapping[str, Backend] | None = None, **changes: Any) -> VmSpec:
         """The same VM as an ``-incoming defer`` destination, with some NIC backends replaced."""
@@ -315,7 +317,8 @@ class Lab:
     def _argv(self, spec: VmSpec, name: str, vmdir: Path, taps: Mapping[str, str]) -> list[str]:
         build = qemu_build(spec.qemu)
         guest = cache_dir() / "guest"
-        argv = [build.binary, *build.args, "-name", name, "-nodefaults", "-no-user-config",
+        argv = [build.binary, *build.args, "-name", f"{NAME_PREFIX}{os.getpid()}-{spec.vm_name}",
+                "-nodefaults", "-no-user-config",
                 "-display", "none", "-accel", "tcg", "-machine", spec.machine, "-m", str(spec.memory_mb),
                 "-smp", "1",
                 "-chardev", f"socket,id=qmp,path={vmdir / 'qmp.sock'},server=on,wait=off",

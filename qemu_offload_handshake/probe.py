@@ -193,6 +193,9 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     if isinstance(devices, list):
         for dev in devices:
             if isinstance(dev, dict) and dev.get("name") == "virtio-net" and isinstance(dev.get("path"), str):
+                if dev["path"] in paths:
+                    notes.append(f"x-query-virtio lists {dev['path']} twice; the reply contradicts itself")
+                    continue
                 paths.append(dev["path"])
     elif devices is not None:
         notes.append("x-query-virtio: reply is not a list")
