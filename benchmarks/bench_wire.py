@@ -1,20 +1,43 @@
-"""Wire format against stdlib json on the same content: size, encode+decode time, and the struct floor.
+"""Wire format against stdlib json on the same content: size, encode+decode time, and the struct floor; then
+hostile input against valid input of the same size.
 
 Run: .venv/bin/python benchmarks/bench_wire.py   (prints ratios measured in this run; targets in the output)
+     .venv/bin/python benchmarks/bench_wire.py --hostile   (only the hostile-input part)
 
 Both sides produce and consume the same validated model objects: the json path converts the record to a dict
 and back (as a JSON-based exchange would have to), the wire path calls encode/decode.
+
+Hostile input: the builders of ``tests/test_wire_hostile.py`` (duplicates, the most items of the smallest size,
+full tables with two-byte indexes, 512-bit bitmaps, a broken last byte...), each at up to 1 MiB, decoded against
+a realistic valid capability set of the same size (a cluster dump): decode time (best of a few runs) and peak
+memory (tracemalloc), as ratios hostile / valid measured in this run.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import struct
+import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from qemu_offload_handshake import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport, decode, encode
+from qemu_offload_handshake import (
+    CapabilitySet,
+    DecodeError,
+    HostCapabilities,
+    NicReport,
+    Tri,
+    VmReport,
+    decode,
+    encode,
+)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_wire_hostile import HOSTILE, MIB, valid_set
 
 OFFERED = 0x1C0010179BFFFE7
 NEGOTIATED = 0x1C0010130AFFFA7
@@ -90,7 +113,47 @@ def best(fn: Callable[[], object], repeat: int = 7, number: int = 1) -> float:
     return min(times)
 
 
+def try_decode(data: bytes) -> str:
+    try:
+        decode(data)
+    except DecodeError as err:
+        return f"DecodeError at {err.field or 'body'}"
+    return "decoded"
+
+
+def peak(fn: Callable[[], object]) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def hostile() -> None:
+    print("hostile input vs a valid capability set of the same size (decode time, peak memory), target <= 5x")
+    worst_time = worst_memory = 0.0
+    for name, build in HOSTILE.items():
+        data = build(MIB + 16)
+        valid = valid_set(len(data))
+        outcome = try_decode(data)
+        assert try_decode(valid) == "decoded"
+        t_valid = best(lambda v=valid: decode(v), repeat=5)  # type: ignore[misc]
+        t_hostile = best(lambda d=data: try_decode(d), repeat=5)  # type: ignore[misc]
+        m_valid = peak(lambda v=valid: decode(v))  # type: ignore[misc]
+        m_hostile = peak(lambda d=data: try_decode(d))  # type: ignore[misc]
+        worst_time, worst_memory = max(worst_time, t_hostile / t_valid), max(worst_memory, m_hostile / m_valid)
+        print(f"  {name:54s} {len(data):8d} B  {t_hostile * 1e3:6.1f} ms / {t_valid * 1e3:6.1f} ms = "
+              f"{t_hostile / t_valid:4.2f}x  {m_hostile / MIB:5.1f} MiB / {m_valid / MIB:5.1f} MiB = "
+              f"{m_hostile / m_valid:4.2f}x  ({outcome})")
+    print(f"  worst: time {worst_time:.2f}x, memory {worst_memory:.2f}x")
+
+
 def main() -> None:
+    if "--hostile" in sys.argv[1:]:
+        hostile()
+        return
     vm = vm_report()
     fleet = hosts()
     assert decode(encode(vm)) == vm and from_json(to_json(vm)) == vm
@@ -128,6 +191,7 @@ def main() -> None:
     t_floor = best(lambda: [struct.unpack_from("<QQ", wire_vm, o) for o in offsets * 4], number=2000)
     print(f"  VM report: decode {t_decode * 1e6:8.1f} us, floor {t_floor * 1e6:6.2f} us, "
           f"ratio {t_decode / t_floor:.0f}x")
+    hostile()
 
 
 if __name__ == "__main__":

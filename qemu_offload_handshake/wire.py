@@ -4,14 +4,13 @@
 ``DecodeError`` (or its subclasses ``UnsupportedVersionError`` and ``AuthenticationError``), never reads past
 the input, and bounds every length and count before it allocates, so memory stays proportional to the input.
 
-Speed and safety with construct: the record layouts are construct ``Struct``s, compiled with
-``Construct.compile()`` for speed. Construct's compiled code reads with bare ``io.read(n)`` and does not check
-short reads, and some of its checks are ``assert``s that vanish under ``python -O``; its documentation says not
-to feed compiled parsers untrusted data. So every leaf of these layouts is one of the ``_Leaf`` classes below:
-they read through ``_read_exact`` and check every limit with ``if ...: raise`` in plain Python, and the
-compiled code calls them for both parsing and building. Only construct's structure (``Struct``, ``If``,
-``PrefixedArray``) is compiled. When the compiled parser refuses input, the interpreted one (same leaves, same
-checks) parses it again to name the failing field in the error.
+Speed and safety with construct: the record layouts below are construct ``Struct``s, compiled with
+``Construct.compile()``, whose leaves are the checked leaves of ``wire_layout`` (never construct's own, which
+trust their input). Decoding is one pass over the body: each NIC, host and offer is checked and turned into
+model objects as it is read (a backend kind or NIC given twice is refused when it is read), a failure names its
+field (``nics[1].offered_unknown``) without parsing again, and bytes left after the body's fields are an error.
+Time and memory are proportional to the input; ``benchmarks/bench_wire.py`` measures hostile input against
+valid input of the same size.
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ import hashlib
 import hmac
 import io
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import construct as cs
 
+from . import wire_layout as wl
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
 from .features import BY_BIT, BY_PROPERTY
 from .model import (
@@ -64,314 +63,71 @@ MAX_TABLE = 4096
 Record = VmReport | HostCapabilities | CapabilitySet
 
 
-# ------------------------------------------------------------------------------------------------ leaves
-
-_BYTES = [bytes((i,)) for i in range(256)]
-
-
-def _read_exact(stream: Any, n: int) -> bytes:
-    data: bytes = stream.read(n)
-    if len(data) != n:
-        raise cs.StreamError(f"truncated: needed {n} bytes, {len(data)} left")
-    return data
-
-
-class _Leaf(cs.Construct):  # type: ignore[misc]
-    """A leaf with explicit checks; the compiled parser and builder call ``read``/``write`` directly."""
-
-    def read(self, stream: Any) -> Any:
-        raise NotImplementedError
-
-    def write(self, obj: Any, stream: Any) -> Any:
-        raise NotImplementedError
-
-    def _parse(self, stream: Any, context: Any, path: str) -> Any:
-        try:
-            return self.read(stream)
-        except cs.ConstructError as err:
-            raise type(err)(str(err), path=path) from None
-
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
-        try:
-            return self.write(obj, stream)
-        except cs.ConstructError as err:
-            raise type(err)(str(err), path=path) from None
-
-    def _emitparse(self, code: Any) -> str:
-        code.linkedinstances[id(self)] = self
-        return f"linkedinstances[{id(self)}].read(io)"
-
-    def _emitbuild(self, code: Any) -> str:
-        code.linkedinstances[id(self)] = self
-        return f"linkedinstances[{id(self)}].write(obj, io)"
-
-    def _sizeof(self, context: Any, path: str) -> int:
-        raise cs.SizeofError("variable size", path=path)
-
-
-class _VarInt(_Leaf):
-    """Unsigned LEB128 of at most ``limit``, minimal encoding only."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.max_bytes = max(1, (limit.bit_length() + 6) // 7)
-
-    def read(self, stream: Any) -> int:
-        first: bytes = stream.read(1)
-        if first and first[0] < 0x80:  # the common one-byte case
-            if first[0] > self.limit:
-                raise cs.ValidationError(f"value {first[0]} over its limit {self.limit}")
-            return first[0]
-        if first:
-            stream.seek(-1, io.SEEK_CUR)
-        value = 0
-        for index in range(self.max_bytes):
-            byte = _read_exact(stream, 1)[0]
-            value |= (byte & 0x7F) << (7 * index)
-            if not byte & 0x80:
-                if value > self.limit:
-                    raise cs.ValidationError(f"value {value} over its limit {self.limit}")
-                if byte == 0 and index > 0:
-                    raise cs.ValidationError("varint not minimal")
-                return value
-        raise cs.ValidationError(f"varint longer than {self.max_bytes} bytes")
-
-    def write(self, obj: int, stream: Any) -> int:
-        if isinstance(obj, bool) or not isinstance(obj, int) or not 0 <= obj <= self.limit:
-            raise cs.ValidationError(f"value {obj!r} out of range 0..{self.limit}")
-        if obj < 0x80:
-            stream.write(_BYTES[obj])
-            return obj
-        out = bytearray()
-        value = obj
-        while True:
-            low, value = value & 0x7F, value >> 7
-            out.append(low | (0x80 if value else 0))
-            if not value:
-                break
-        stream.write(out)
-        return obj
-
-
-class _Uint(_Leaf):
-    """Fixed-size big-endian unsigned integer."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def read(self, stream: Any) -> int:
-        return int.from_bytes(_read_exact(stream, self.size), "big")
-
-    def write(self, obj: int, stream: Any) -> int:
-        if isinstance(obj, bool) or not isinstance(obj, int) or not 0 <= obj < 1 << (8 * self.size):
-            raise cs.ValidationError(f"value {obj!r} does not fit {self.size} bytes")
-        stream.write(obj.to_bytes(self.size, "big"))
-        return obj
-
-
-class _Blob(_Leaf):
-    """Varint length (at most ``limit``), then that many bytes."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.length = _VarInt(limit)
-
-    def read(self, stream: Any) -> bytes:
-        return _read_exact(stream, self.length.read(stream))
-
-    def write(self, obj: bytes, stream: Any) -> bytes:
-        self.length.write(len(obj), stream)
-        stream.write(obj)
-        return obj
-
-
-def _utf8(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise cs.ValidationError(f"invalid UTF-8 at byte {err.start}") from None
-
-
-def _bitmap(raw: bytes) -> int:
-    if raw and raw[-1] == 0:
-        raise cs.ValidationError("bitmap has a trailing zero byte (not minimal)")
-    return int.from_bytes(raw, "little")
-
-
-class _Mapped(_Leaf):
-    """A ``_Blob`` seen as another value: ``load`` checks and converts the bytes, ``dump`` gives them back."""
-
-    def __init__(self, limit: int, load: Callable[[bytes], Any], dump: Callable[[Any], bytes]) -> None:
-        super().__init__()
-        self.blob, self.load, self.dump = _Blob(limit), load, dump
-
-    def read(self, stream: Any) -> Any:
-        return self.load(_read_exact(stream, self.blob.length.read(stream)))
-
-    def write(self, obj: Any, stream: Any) -> Any:
-        self.blob.write(self.dump(obj), stream)
-        return obj
-
-
-def _Text(limit: int) -> _Mapped:
-    """UTF-8 text; invalid UTF-8 is an error, not a replacement character."""
-    return _Mapped(limit, _utf8, lambda text: text.encode("utf-8"))
-
-
-def _Bitmap(limit: int) -> _Mapped:
-    """A bitmap of any width: little-endian bytes, minimal (no trailing zero byte)."""
-    return _Mapped(limit, _bitmap, lambda n: n.to_bytes((n.bit_length() + 7) // 8, "little"))
-
-
-class _Sized(cs.Subconstruct):  # type: ignore[misc]
-    """Varint byte length, then ``subcon`` parsed from exactly those bytes (later bytes in it are skipped)."""
-
-    def __init__(self, subcon: Any) -> None:
-        super().__init__(subcon)
-        self.length = _VarInt(MAX_RECORD_BYTES)
-
-    def nested(self, stream: Any, parse: Callable[[Any], Any]) -> Any:
-        return parse(io.BytesIO(_read_exact(stream, self.length.read(stream))))
-
-    def nested_build(self, obj: Any, stream: Any, build: Callable[[Any, Any], Any]) -> Any:
-        inner = io.BytesIO()
-        build(obj, inner)
-        data = inner.getvalue()
-        self.length.write(len(data), stream)
-        stream.write(data)
-        return obj
-
-    def _parse(self, stream: Any, context: Any, path: str) -> Any:
-        return self.nested(stream, lambda sub: self.subcon._parsereport(sub, context, path))
-
-    def _build(self, obj: Any, stream: Any, context: Any, path: str) -> Any:
-        return self.nested_build(obj, stream, lambda o, sub: self.subcon._build(o, sub, context, path))
-
-    def _emitparse(self, code: Any) -> str:
-        code.linkedinstances[id(self)] = self
-        return f"linkedinstances[{id(self)}].nested(io, lambda io: ({self.subcon._compileparse(code)}))"
-
-    def _emitbuild(self, code: Any) -> str:
-        code.linkedinstances[id(self)] = self
-        return (f"linkedinstances[{id(self)}].nested_build(obj, io, "
-                f"lambda obj, io: ({self.subcon._compilebuild(code)}))")
-
-
-class _BitSet(_Leaf):
-    """A varint whose bit *i* stands for ``names[i]``: a sorted tuple of names. A bit without a name is an error."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.names, self.value = names, _VarInt(0xFFFF)
-
-    def read(self, stream: Any) -> tuple[str, ...]:
-        value = self.value.read(stream)
-        if value >> len(self.names):
-            raise cs.ValidationError(f"bit {value.bit_length() - 1} names nothing (bits 0-{len(self.names) - 1} "
-                                     f"are {', '.join(self.names)})")
-        return tuple(sorted(name for i, name in enumerate(self.names) if value >> i & 1))
-
-    def write(self, obj: tuple[str, ...], stream: Any) -> tuple[str, ...]:
-        self.value.write(sum(1 << self.names.index(name) for name in set(obj)), stream)
-        return obj
-
-
-class _Choice(_Leaf):
-    """One byte: 1 for ``names[0]``, 2 for ``names[1]``, ..."""
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        super().__init__()
-        self.names = names
-
-    def read(self, stream: Any) -> str:
-        byte = _read_exact(stream, 1)[0]
-        if not 1 <= byte <= len(self.names):
-            raise cs.ValidationError(f"{byte} is not one of " + ", ".join(
-                f"{i} ({name})" for i, name in enumerate(self.names, 1)))
-        return self.names[byte - 1]
-
-    def write(self, obj: str, stream: Any) -> str:
-        stream.write(_BYTES[self.names.index(obj) + 1])
-        return obj
-
-
-class _Extensions(_Leaf):
-    """Count, then per extension: varint tag, varint length, that many bytes of content.
-
-    ``known`` maps a tag to (field name, leaf, default): the content of a known tag is exactly one value of that
-    leaf, and is never the field's default (writers leave defaults out). Each tag appears at most once; unknown
-    tags are skipped. Parses to a dict of the known fields present; builds from such a dict (None: left out).
-    """
-
-    def __init__(self, known: dict[int, tuple[str, _Leaf, Any]]) -> None:
-        super().__init__()
-        self.known = known
-        self.tag, self.length = _VarInt(0xFFFF), _VarInt(MAX_RECORD_BYTES)
-
-    def read(self, stream: Any) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        seen: set[int] = set()
-        for _ in range(_Count.read(stream)):
-            tag = self.tag.read(stream)
-            if tag in seen:
-                raise cs.ValidationError(f"extension tag {tag} given twice")
-            seen.add(tag)
-            content = _read_exact(stream, self.length.read(stream))
-            if tag not in self.known:
-                continue
-            name, leaf, default = self.known[tag]
-            sub = io.BytesIO(content)
-            try:
-                value = leaf.read(sub)
-            except cs.ConstructError as err:
-                raise cs.ValidationError(f"extension {name} (tag {tag}): {err}") from None
-            if sub.tell() != len(content):
-                raise cs.ValidationError(f"extension {name} (tag {tag}): {len(content) - sub.tell()} bytes after "
-                                         "its value")
-            if value == default:
-                raise cs.ValidationError(f"extension {name} (tag {tag}) holds its default value {default!r}, "
-                                         "which writers leave out")
-            values[name] = value
-        return values
-
-    def write(self, obj: dict[str, Any], stream: Any) -> dict[str, Any]:
-        present = [(tag, obj[name], leaf) for tag, (name, leaf, default) in sorted(self.known.items())
-                   if obj.get(name, default) != default]
-        _Count.write(len(present), stream)
-        for tag, value, leaf in present:
-            content = io.BytesIO()
-            leaf.write(value, content)
-            self.tag.write(tag, stream)
-            self.length.write(len(content.getvalue()), stream)
-            stream.write(content.getvalue())
-        return obj
-
-
 # ------------------------------------------------------------------------------------------------ layouts
 
-_Count = _VarInt(MAX_ITEMS)
-_Str = _Text(MAX_STRING_BYTES)
-_Bits = _Bitmap(MAX_BITMAP_BYTES)
-_U8 = _Uint(1)
+_Count = wl.VarInt(MAX_ITEMS)
+_Length = wl.VarInt(MAX_RECORD_BYTES)
+_Str = wl.Text(MAX_STRING_BYTES)
+_Bits = wl.Bitmap(MAX_BITMAP_BYTES)
+_U8 = wl.Uint(1)
 _MADE_AT_LIMIT = (1 << 40) - 1
 NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED = 1, 2  # extension tags (format 1.1)
 VM_EXT_NAME, VM_EXT_UUID, VM_EXT_MADE_AT, VM_EXT_SIDE = 1, 2, 3, 4
-_NicExt = _Extensions({NIC_EXT_OFFERED_UNKNOWN: ("offered_unknown", _Bits, 0),
-                       NIC_EXT_DERIVED: ("derived", _BitSet(DERIVABLE), ())})
-_VmExt = _Extensions({VM_EXT_NAME: ("vm_name", _Str, None), VM_EXT_UUID: ("vm_uuid", _Str, None),
-                      VM_EXT_MADE_AT: ("made_at", _VarInt(_MADE_AT_LIMIT), None),
-                      VM_EXT_SIDE: ("side", _Choice(SIDES), None)})
-_NoExt = _Extensions({})
+_NicExt = wl.Extensions(_Count, _Length, {NIC_EXT_OFFERED_UNKNOWN: ("offered_unknown", _Bits, 0),
+                                          NIC_EXT_DERIVED: ("derived", wl.BitSet(DERIVABLE), ())})
+_VmExt = wl.Extensions(_Count, _Length, {
+    VM_EXT_NAME: ("vm_name", _Str, None), VM_EXT_UUID: ("vm_uuid", _Str, None),
+    VM_EXT_MADE_AT: ("made_at", wl.VarInt(_MADE_AT_LIMIT), None), VM_EXT_SIDE: ("side", wl.Choice(SIDES), None)})
+_NoExt = wl.Extensions(_Count, _Length, {})
 
 # Presence bits of optional fields (an absent field is None in the model).
 NIC_NETDEV, NIC_BACKEND, NIC_OFFERED, NIC_NEGOTIATED, NIC_STATUS, NIC_BACKEND_FEATURES, NIC_VNET_HDR = (
     1, 2, 4, 8, 16, 32, 64)
 VM_VERSION, VM_PACKAGE, VM_MACHINE, VM_DEVICES_UNKNOWN = 1, 2, 4, 8
 
-_Nic = cs.Struct(
-    "present" / _VarInt(0x7F),
+_TRIS = (None, Tri.OFF, Tri.ON, Tri.AUTO)
+_PROP_AT = {f.bit: f.prop for f in BY_BIT.values() if f.prop is not None}
+
+
+def _other_prop(fields: tuple[str, int], parent: Any) -> tuple[str, Tri]:
+    name, value = fields
+    if name in BY_PROPERTY:
+        raise wl.FieldError(f"malformed body: catalogue property {name!r} belongs in tri lo/hi", "name")
+    tri = _TRIS[value] if value < 4 else None
+    if tri is None:
+        raise wl.FieldError(f"malformed body: invalid tri-state {value}", "tri")
+    return name, tri
+
+
+def _nic(this: dict[str, Any], parent: Any) -> tuple[str, NicReport]:
+    props: dict[str, Tri] = this["other_props"]
+    lo, hi = this["tri_lo"], this["tri_hi"]
+    both = lo | hi
+    while both:
+        low = both & -both
+        both ^= low
+        name = _PROP_AT.get(low.bit_length() - 1)
+        if name is None:
+            raise wl.FieldError(f"malformed body: tri-state for bit {low.bit_length() - 1}, which has no property",
+                                "tri_lo" if lo & low else "tri_hi")
+        props[name] = _TRIS[(1 if lo & low else 0) | (2 if hi & low else 0)]  # type: ignore[assignment]
+    vnet = this["vnet_hdr"]
+    if vnet is not None and vnet > 1:
+        raise wl.FieldError(f"malformed body: vnet_hdr must be 0 or 1, not {vnet}", "vnet_hdr")
+    ext = this["ext"]
+    unknown, derived = ext.get("offered_unknown", 0), ext.get("derived", ())
+    if unknown and (this["offered"] is None or this["offered"] & unknown or "offered" not in derived):
+        raise wl.FieldError("invalid record: offered_unknown needs a derived offered bitmap and must not overlap it",
+                            "ext", "offered_unknown")
+    nic = NicReport(
+        this["qdev_id"], this["qom_path"], this["netdev_id"], this["backend"], tuple(sorted(props.items())),
+        this["offered"], this["negotiated"], this["driver_status"], this["backend_features"],
+        None if vnet is None else bool(vnet), tuple(this["unreadable"]), unknown, derived)
+    return nic.key, nic
+
+
+_Nic = wl.Struct(
+    "present" / wl.VarInt(0x7F),
     "qdev_id" / _Str,
     "qom_path" / _Str,
     "netdev_id" / cs.If(cs.this.present & NIC_NETDEV, _Str),
@@ -383,56 +139,121 @@ _Nic = cs.Struct(
     "vnet_hdr" / cs.If(cs.this.present & NIC_VNET_HDR, _U8),
     "tri_lo" / _Bits,  # declared catalogue properties, 2 bits each, indexed by feature bit
     "tri_hi" / _Bits,
-    "other_props" / cs.PrefixedArray(_Count, cs.Struct("name" / _Str, "tri" / _U8)),
-    "unreadable" / cs.PrefixedArray(_Count, _Str),
+    "other_props" / wl.Array(_Count, wl.Struct("name" / _Str, "tri" / _U8, make=_other_prop, tuple=True),
+                             unique=True, what="property"),
+    "unreadable" / wl.Array(_Count, _Str),
     "ext" / _NicExt,
+    make=_nic,
 )
-_Version = cs.Struct("major" / _Uint(2), "minor" / _Uint(2), "micro" / _Uint(2))
-_Head = cs.Struct(  # common start of the VM and host bodies
-    "present" / _VarInt(0xF),
+_Version = wl.Struct("major" / wl.Uint(2), "minor" / wl.Uint(2), "micro" / wl.Uint(2), tuple=True)
+_Head = wl.Struct(  # common start of the VM and host bodies
+    "present" / wl.VarInt(0xF),
     "host" / _Str,
     "version" / cs.If(cs.this.present & VM_VERSION, _Version),
     "package" / cs.If(cs.this.present & VM_PACKAGE, _Str),
     "machine" / cs.If(cs.this.present & VM_MACHINE, _Str),
 )
-_VmBody = cs.Struct(
+
+
+def _vm(this: dict[str, Any], parent: Any) -> VmReport:
+    head = this["head"]
+    return VmReport(head["host"], head["version"], head["package"], head["machine"], tuple(this["nics"].values()),
+                    tuple(this["unreadable"]), devices_known=not head["present"] & VM_DEVICES_UNKNOWN, **this["ext"])
+
+
+def _host(this: dict[str, Any], parent: Any) -> HostCapabilities:
+    head = this["head"]
+    if head["present"] & VM_DEVICES_UNKNOWN:
+        raise wl.FieldError("malformed body: flag 8 (device list unreadable) is for VM reports only",
+                            "head", "present")
+    return HostCapabilities(head["host"], head["version"], head["package"], head["machine"],
+                            tuple(sorted(this["offers"].items())))
+
+
+_VmBody = wl.Struct(
     "head" / _Head,
-    "nics" / cs.PrefixedArray(_Count, _Sized(_Nic)),
-    "unreadable" / cs.PrefixedArray(_Count, _Str),
+    "nics" / wl.Array(_Count, wl.Sized(_Length, _Nic), unique=True, what="NIC id or QOM path"),
+    "unreadable" / wl.Array(_Count, _Str),
     "ext" / _VmExt,
+    make=_vm,
 )
-_HostBody = cs.Struct(
+_HostBody = wl.Struct(
     "head" / _Head,
-    "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Str, "bitmap" / _Bits)),
+    "offers" / wl.Array(_Count, wl.Struct("backend" / _Str, "bitmap" / _Bits, tuple=True),
+                        unique=True, what="backend kind"),
     "ext" / _NoExt,
+    make=_host,
 )
-_Index = _VarInt(MAX_TABLE - 1)
-_SetBody = cs.Struct(  # many hosts: repeated strings in a table, bitmaps XOR a per-backend reference
-    "strings" / cs.PrefixedArray(_VarInt(MAX_TABLE), _Str),
-    "versions" / cs.PrefixedArray(_VarInt(MAX_TABLE), _Version),
-    "refs" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Index, "bitmap" / _Bits)),
-    "hosts" / cs.PrefixedArray(_VarInt(MAX_HOSTS), cs.Struct(
-        "present" / _VarInt(0x7),
+
+
+def _pick(table: list[Any], index: int | None, *where: str | int) -> Any:
+    if index is None:
+        return None
+    if index >= len(table):
+        raise wl.FieldError(f"malformed body: index {index} outside its table of {len(table)}", *where)
+    return table[index]
+
+
+def _set_ref(fields: tuple[int, int], parent: dict[str, Any]) -> tuple[str, int]:
+    return _pick(parent["strings"], fields[0], "backend"), fields[1]
+
+
+def _set_host(this: dict[str, Any], parent: dict[str, Any]) -> HostCapabilities:
+    strings = parent["strings"]
+    offer_of = parent.get("offer_of")  # string index -> (kind, reference, the offer when the XOR is 0)
+    if offer_of is None:
+        refs = parent["refs"]
+        offer_of = parent["offer_of"] = {
+            i: (kind, refs[kind], (kind, refs[kind])) for i, kind in enumerate(strings) if kind in refs}
+    offers = []
+    last = ""
+    for i, (index, xor) in enumerate(this["offers"]):
+        entry = offer_of.get(index)
+        if entry is None:
+            kind = _pick(strings, index, "offers", i, "backend")
+            raise wl.FieldError(f"malformed body: no reference bitmap for backend {kind!r}", "offers", i, "backend")
+        kind, ref, same = entry
+        if i and kind <= last:
+            raise wl.FieldError(f"malformed body: backend kind {kind!r} " + (
+                "given twice" if kind == last else "out of order (offers are sorted by kind)"), "offers", i, "backend")
+        last = kind
+        offers.append((kind, ref ^ xor) if xor else same)  # identical hosts share their offers
+    version, package, machine = this["version"], this["package"], this["machine"]
+    return HostCapabilities(this["host"], None if version is None else _pick(parent["versions"], version, "version"),
+                            None if package is None else _pick(strings, package, "package"),
+                            None if machine is None else _pick(strings, machine, "machine"), tuple(offers))
+
+
+_Index = wl.VarInt(MAX_TABLE - 1)
+_SetBody = wl.Struct(  # many hosts: repeated strings in a table, bitmaps XOR a per-backend reference
+    "strings" / wl.Array(wl.VarInt(MAX_TABLE), _Str),
+    "versions" / wl.Array(wl.VarInt(MAX_TABLE), _Version),
+    "refs" / wl.Array(_Count, wl.Struct("backend" / _Index, "bitmap" / _Bits, make=_set_ref, tuple=True),
+                      unique=True, what="reference for backend"),
+    "hosts" / wl.Array(wl.VarInt(MAX_HOSTS), wl.Struct(
+        "present" / wl.VarInt(0x7),
         "host" / _Str,
         "version" / cs.If(cs.this.present & VM_VERSION, _Index),
         "package" / cs.If(cs.this.present & VM_PACKAGE, _Index),
         "machine" / cs.If(cs.this.present & VM_MACHINE, _Index),
-        "offers" / cs.PrefixedArray(_Count, cs.Struct("backend" / _Index, "xor" / _Bits)),
+        "offers" / wl.Array(_Count, wl.Struct("backend" / _Index, "xor" / _Bits, tuple=True)),
+        make=_set_host,
     )),
     "ext" / _NoExt,
+    make=lambda this, parent: CapabilitySet(tuple(this["hosts"])),
 )
 _Header = cs.Struct(
-    "magic" / _Uint(4),
+    "magic" / wl.Uint(4),
     "major" / _U8,
     "minor" / _U8,
     "type" / _U8,
     "flags" / _U8,
-    "length" / _Uint(4),
+    "length" / wl.Uint(4),
 )
 _BODIES = {TYPE_VM: _VmBody, TYPE_HOST: _HostBody, TYPE_SET: _SetBody}
-_COMPILED = {rtype: body.compile() for rtype, body in _BODIES.items()}
+_COMPILED = {rtype: wl.compile_layout(body) for rtype, body in _BODIES.items()}
 _MAGIC_INT = int.from_bytes(MAGIC, "big")
-_HEADER = _Header.compile()
+_HEADER = wl.compile_layout(_Header)
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -532,94 +353,19 @@ def encode(record: Record, *, key: bytes | None = None) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ decode
 
-_TRIS = (None, Tri.OFF, Tri.ON, Tri.AUTO)
-
-
-def _tri(value: int, where: str) -> Tri:
-    tri = _TRIS[value] if value < 4 else None
-    if tri is None:
-        raise DecodeError(f"invalid tri-state {value}", field=where)
-    return tri
-
-
-_PROP_AT = {f.bit: f.prop for f in BY_BIT.values() if f.prop is not None}
-
-
-def _nic_from(obj: Any, index: int) -> NicReport:
-    props: dict[str, Tri] = {}
-    lo, hi = obj.tri_lo, obj.tri_hi
-    both = lo | hi
-    while both:
-        low = both & -both
-        both ^= low
-        name = _PROP_AT.get(low.bit_length() - 1)
-        if name is None:
-            raise DecodeError(f"tri-state for bit {low.bit_length() - 1}, which has no property",
-                              field=f"nics[{index}].tri")
-        props[name] = _TRIS[(1 if lo & low else 0) | (2 if hi & low else 0)]  # type: ignore[assignment]
-    for entry in obj.other_props:
-        if entry.name in props or entry.name in BY_PROPERTY:
-            raise DecodeError(f"property {entry.name!r} given twice", field=f"nics[{index}].other_props")
-        props[entry.name] = _tri(entry.tri, f"nics[{index}].other_props")
-    vnet = obj.vnet_hdr
-    if vnet is not None and vnet > 1:
-        raise DecodeError(f"vnet_hdr must be 0 or 1, not {vnet}", field=f"nics[{index}].vnet_hdr")
-    ext = obj.ext
-    unknown = ext.get("offered_unknown", 0)
-    if unknown and (obj.offered is None or obj.offered & unknown or "offered" not in ext.get("derived", ())):
-        raise DecodeError("offered_unknown needs a derived offered bitmap and must not overlap it",
-                          field=f"nics[{index}].offered_unknown")
-    return NicReport(
-        obj.qdev_id, obj.qom_path, obj.netdev_id, obj.backend, tuple(sorted(props.items())), obj.offered,
-        obj.negotiated, obj.driver_status, obj.backend_features, None if vnet is None else bool(vnet),
-        tuple(obj.unreadable), unknown, ext.get("derived", ()))
-
-
-def _version(v: Any) -> tuple[int, int, int] | None:
-    return None if v is None else (v.major, v.minor, v.micro)
-
-
-def _pick(table: list[Any], index: int | None, what: str) -> Any:
-    if index is None:
-        return None
-    if index >= len(table):
-        raise DecodeError(f"{what} index {index} outside its table of {len(table)}", field=what)
-    return table[index]
-
-
-def _set_from(parsed: Any) -> CapabilitySet:
-    strings, versions = list(parsed.strings), [_version(v) for v in parsed.versions]
-    refs: dict[str, int] = {}
-    for ref in parsed.refs:
-        kind = _pick(strings, ref.backend, "refs.backend")
-        if kind in refs:
-            raise DecodeError(f"reference for backend {kind!r} given twice", field="refs")
-        refs[kind] = ref.bitmap
-    hosts = []
-    for entry in parsed.hosts:
-        offers = []
-        for offer in entry.offers:
-            kind = _pick(strings, offer.backend, "hosts.offers.backend")
-            if kind not in refs:
-                raise DecodeError(f"no reference bitmap for backend {kind!r}", field="hosts.offers")
-            offers.append((kind, offer.xor ^ refs[kind]))
-        hosts.append(HostCapabilities(
-            entry.host, _pick(versions, entry.version, "hosts.version"), _pick(strings, entry.package, "hosts.package"),
-            _pick(strings, entry.machine, "hosts.machine"), tuple(offers)))
-    return CapabilitySet(tuple(hosts))
-
-
-def _parse_body(rtype: int, body: bytes) -> Any:
+def _parse_body(rtype: int, body: bytes) -> Record:
+    """One pass over the body: the record, or a ``DecodeError`` naming the field that failed."""
+    stream = io.BytesIO(body)
     try:
-        return _COMPILED[rtype].parse(body)
-    except Exception as fast_err:
-        try:
-            _BODIES[rtype].parse(body)
-        except cs.ConstructError as err:
-            path = (getattr(err, "path", None) or "").replace("(parsing) -> ", "").replace(" -> ", ".")
-            raise DecodeError(f"malformed body: {str(err).splitlines()[-1]}", offset=HEADER_SIZE,
-                              field=path or None) from err
-        raise DecodeError(f"malformed body: {fast_err}", offset=HEADER_SIZE) from fast_err
+        record: Record = _COMPILED[rtype].parse_stream(stream)
+        if stream.tell() != len(body):
+            raise wl.FieldError(f"malformed body: {len(body) - stream.tell()} bytes after its last field",
+                                offset=stream.tell())
+    except wl.FieldError as err:
+        raise DecodeError(err.message, offset=HEADER_SIZE + (err.offset or 0), field=err.field) from None
+    except Exception as err:  # a bug rather than bad input; still only DecodeError leaves decode()
+        raise DecodeError(f"malformed body: {type(err).__name__}: {err}", offset=HEADER_SIZE) from err
+    return record
 
 
 def decode(data: bytes, *, key: bytes | None = None) -> Record:
@@ -657,21 +403,4 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
             raise AuthenticationError("HMAC mismatch: wrong key or tampered record", offset=end, field="hmac")
     if zlib.crc32(data[:end - CRC_SIZE]) != int.from_bytes(data[end - CRC_SIZE:end], "big"):
         raise DecodeError("checksum mismatch: the record is corrupt", offset=end - CRC_SIZE, field="crc32")
-    parsed = _parse_body(header.type, data[HEADER_SIZE:end - CRC_SIZE])
-    try:
-        if header.type == TYPE_SET:
-            return _set_from(parsed)
-        head = parsed.head
-        version = _version(head.version)
-        if header.type == TYPE_VM:
-            return VmReport(head.host, version, head.package, head.machine,
-                            tuple(_nic_from(n, i) for i, n in enumerate(parsed.nics)), tuple(parsed.unreadable),
-                            devices_known=not head.present & VM_DEVICES_UNKNOWN, **parsed.ext)
-        if head.present & VM_DEVICES_UNKNOWN:
-            raise DecodeError("flag 8 (device list unreadable) is for VM reports only", field="head.present")
-        offers = tuple(sorted((o.backend, o.bitmap) for o in parsed.offers))
-        if len({k for k, _ in offers}) != len(offers):
-            raise DecodeError("a backend kind is listed twice", field="offers")
-        return HostCapabilities(head.host, version, head.package, head.machine, offers)
-    except (ValueError, TypeError) as err:  # the model refused a value: name it
-        raise DecodeError(f"invalid record: {err}", offset=HEADER_SIZE) from err
+    return _parse_body(header.type, data[HEADER_SIZE:end - CRC_SIZE])

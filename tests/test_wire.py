@@ -84,8 +84,8 @@ def vm_with(nic_ext: str = "00", vm_ext: str = "00") -> bytes:
 
 
 @pytest.mark.parametrize(("nic_ext", "vm_ext", "error"), [
-    ("01" "01020140", "00", r"derived offered.*nics\[0\]\.offered_unknown"),  # no derived offered
-    ("02" "01020103" "020108", "00", r"overlap.*nics\[0\]\.offered_unknown"),  # bit 0 is also offered
+    ("01" "01020140", "00", r"derived offered.*nics\[0\]\.ext\.offered_unknown"),  # no derived offered
+    ("02" "01020103" "020108", "00", r"overlap.*nics\[0\]\.ext\.offered_unknown"),  # bit 0 is also offered
     ("02" "01020100" "020108", "00", r"offered_unknown.*trailing zero"),  # not a minimal bitmap
     ("01" "010100", "00", r"offered_unknown.*default"),  # empty: writers leave it out
     ("01" "020120", "00", r"derived.*bit 5 names nothing"),
