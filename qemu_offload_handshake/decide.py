@@ -89,6 +89,7 @@ class Verdict:
     recommendations: dict[str, dict[str, str]] = field(default_factory=dict)  # lenient: strict's overrides
     source: VmReport | None = None
     dest: VmReport | None = None
+    pairs: tuple[tuple[str | None, str | None], ...] = ()  # (source key, destination key) as QEMU pairs them
 
     @property
     def verdict(self) -> str:
@@ -186,14 +187,14 @@ def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why:
           negotiated=negotiated)
 
 
-def _silent_turn_offs(c: _Collector, side: str, nic: NicReport) -> None:
+def _silent_turn_offs(c: _Collector, key: str, side: str, nic: NicReport) -> None:
     if nic.offered is None:
         return
     for prop, tri in nic.properties:
         feature = BY_PROPERTY.get(prop)
         if feature is None or tri is not Tri.ON or (nic.offered_upper or 0) >> feature.bit & 1:
             continue
-        c.add(nic.key, Severity.WARNING, "silently-off",
+        c.add(key, Severity.WARNING, "silently-off",
               f"its property is on (set or by default), yet the {side} QEMU silently does not offer it: "
               f"{_cause(feature.bit)}.",
               feature=feature.name, bit=feature.bit, **{"source" if side == "source" else "dest": "on, not offered"})
@@ -288,9 +289,9 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
         return
     if overrides:
         if mode is Mode.STRICT or any(f.severity is Severity.ADJUST and f.device == key for f in c.findings):
-            c.adjust[key] = overrides
+            c.adjust[dst.key] = overrides  # the destination's own id: the overrides go on its command line
         else:
-            c.recommend[key] = overrides
+            c.recommend[dst.key] = overrides
 
 
 def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, policy: Policy,
@@ -399,15 +400,10 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
         c.add("", Severity.UNKNOWN, "devices-unknown",
               "the virtio-net devices of a side could not be listed, so they cannot be compared.")
         return _verdict(c, mode, source, dest)
-    dest_keys = {n.key for n in dest.nics}
-    for src in source.nics:
-        dst = dest.nic(src.key)
-        if dst is None:
-            c.add(src.key, Severity.BLOCKER, "device-missing",
-                  "the destination has no such virtio-net device: the load would fail.", source="present",
-                  dest="absent")
+    pairs = _pair(c, source.nics, dest.nics)
+    for src, dst in pairs:
+        if src is None or dst is None:
             continue
-        dest_keys.discard(dst.key)
         for side, nic, report in (("source", src, source), ("destination", dst, dest)):
             for note in nic.unreadable:
                 c.add(src.key, Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
@@ -417,21 +413,79 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
                       "x-query-virtio-status is known to crash this QEMU, so offered features come from its "
                       "properties and backend facts and the guest is assumed to use every feature that may be "
                       "offered.", **{"source" if side == "source" else "dest": "derived"})
-            _silent_turn_offs(c, side, nic)
+            _silent_turn_offs(c, src.key, side, nic)
         _load_checks(c, src.key, src, dst)
         _compare(c, src.key, src, dst, mode, policy)
-    for key in sorted(dest_keys):
-        c.add(key, Severity.BLOCKER, "device-extra",
-              "only the destination has this virtio-net device: the load would fail.", source="absent",
-              dest="present")
     if not source.nics and not dest.nics:
         c.add("", Severity.INFO, "no-nics", "neither side has a virtio-net device.")
-    return _verdict(c, mode, source, dest)
+    return _verdict(c, mode, source, dest, tuple((s.key if s else None, d.key if d else None) for s, d in pairs))
 
 
-def _verdict(c: _Collector, mode: Mode, source: VmReport, dest: VmReport) -> Verdict:
+_ANON = "/machine/peripheral-anon/"
+
+
+def _pair(c: _Collector, sources: tuple[NicReport, ...],
+          dests: tuple[NicReport, ...]) -> list[tuple[NicReport | None, NicReport | None]]:
+    """Pair devices as QEMU pairs their migrated state: by device path (``qdev_get_dev_path``, e.g.
+    ``0000:00:04.0``; ``migration/savevm.c`` files each device's state under it, not under its id). Where a path
+    is missing on either side, by id, and the pairing itself is then unknown."""
+    pairs: list[tuple[NicReport | None, NicReport | None]] = []
+    if all(n.dev_path for n in sources + dests):
+        by_path = {n.dev_path: n for n in dests}
+        by_key = {n.key: n for n in dests}
+        for src in sources:
+            dst = by_path.pop(src.dev_path, None)
+            pairs.append((src, dst))
+            if dst is None:
+                _absent(c, src.key, "destination", f"at {src.dev_path}")
+            elif dst.key != src.key and not (src.key.startswith(_ANON) and dst.key.startswith(_ANON)):
+                other = by_key.get(src.key)
+                if other is not None:
+                    c.add(src.key, Severity.WARNING, "device-moved",
+                          f"{src.key} is at {src.dev_path} on the source and at {other.dev_path} on the destination:"
+                          f" QEMU loads its state into the destination's device at {src.dev_path}, {dst.key}, and "
+                          f"compares it with that one; adjustments name {dst.key}.", source=src.dev_path,
+                          dest=other.dev_path)
+                else:
+                    c.add(src.key, Severity.WARNING, "device-renamed",
+                          f"the device at {src.dev_path} is {src.key} on the source and {dst.key} on the destination:"
+                          f" QEMU pairs them by slot; adjustments name {dst.key}.", source=src.key, dest=dst.key)
+        pairs += [(None, dst) for dst in by_path.values()]
+        for dst in by_path.values():
+            _absent(c, dst.key, "source", f"at {dst.dev_path}")
+        return pairs
+    missing = [n.key for n in sources + dests if not n.dev_path]
+    c.add("", Severity.UNKNOWN, "device-path-unknown",
+          f"the device path of {', '.join(dict.fromkeys(missing))} could not be read, so which device QEMU pairs "
+          "with which cannot be told (it pairs them by PCI slot, not by id); compared by id.")
+    keys = {n.key: n for n in dests}
+    for src in sources:
+        dst = keys.pop(src.key, None)
+        pairs.append((src, dst))
+        if dst is None:
+            _absent(c, src.key, "destination", "")
+    for dst in keys.values():
+        pairs.append((None, dst))
+        _absent(c, dst.key, "source", "")
+    return pairs
+
+
+def _absent(c: _Collector, key: str, lacking: str, where: str) -> None:
+    place = f" ({where})" if where else ""
+    if lacking == "destination":
+        c.add(key, Severity.BLOCKER, "device-missing",
+              f"the destination has no such virtio-net device{place}: the load would fail.", source="present",
+              dest="absent")
+    else:
+        c.add(key, Severity.BLOCKER, "device-extra",
+              f"only the destination has this virtio-net device{place}: the load would fail.", source="absent",
+              dest="present")
+
+
+def _verdict(c: _Collector, mode: Mode, source: VmReport, dest: VmReport,
+             pairs: tuple[tuple[str | None, str | None], ...] = ()) -> Verdict:
     findings = tuple(sorted(c.findings, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
     outcome = _outcome(findings)
     adjustments = c.adjust if outcome is Outcome.ADJUSTABLE else {}
     recommendations = c.recommend if outcome is not Outcome.BLOCKED else {}
-    return Verdict(outcome, mode, findings, adjustments, recommendations, source, dest)
+    return Verdict(outcome, mode, findings, adjustments, recommendations, source, dest, pairs)

@@ -40,6 +40,7 @@ __all__ = [
     "QemuBuild",
     "Vm",
     "VmSpec",
+    "before_first_device",
     "cache_dir",
     "leftovers",
     "prerequisites",
@@ -144,6 +145,12 @@ def qemu_build(version: QemuVersion) -> QemuBuild:
     # Firmware and NIC option ROMs: the system's SeaBIOS and iPXE, then 7.2's own data (NOTES, seen).
     args = ("-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu", "-L", f"{root}/usr/share/qemu")
     return QemuBuild(binary, env, args)
+
+
+def before_first_device(argv: list[str], extra: Iterable[str]) -> list[str]:
+    """``argv`` with ``extra`` arguments placed before its first ``-device`` (a bus must exist before its NIC)."""
+    at = argv.index("-device") if "-device" in argv else len(argv)
+    return [*argv[:at], *extra, *argv[at:]]
 
 
 def prerequisites(*, guest: bool = True, qemu72: bool = True, qemu111: bool = True) -> list[str]:

@@ -111,9 +111,13 @@ class NicReport:
     # Facts derived from safe reads instead of read from QEMU (names from ``DERIVABLE``), e.g. on a QEMU where
     # x-query-virtio-status is known to crash.
     derived: tuple[str, ...] = ()
+    # Where QEMU files the device's migrated state (qdev_get_dev_path, e.g. "0000:00:04.0", behind a PCIe root
+    # port "0000:00:10.0:00.0"): QEMU pairs source and destination devices by it, not by their ids.
+    dev_path: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("qdev_id", self.qdev_id)
+        _check_str("dev_path", self.dev_path, optional=True)
         _check_str("qom_path", self.qom_path)
         if not self.qdev_id and not self.qom_path:
             raise ValueError("a NIC needs a qdev id or a QOM path")

@@ -214,6 +214,7 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     else:
         rounds.append(_try(qmp.execute("qom-list", {"path": paths[0]}), notes, "qom-list") if paths else _none())
         rounds += [_try(qmp.execute("qom-get", {"path": p, "property": "netdev"}), [], "netdev") for p in paths]
+        rounds += [_read_props(qmp, d, ["addr", "parent_bus"], []) for d in devs]  # for the device path
     answers = await asyncio.gather(*rounds)
     statuses, listing = answers[:len(paths)], answers[len(paths)]
     values: list[dict[str, object]] = [{} for _ in paths]
@@ -229,9 +230,10 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     elif not batch:
         types = {str(p.get("name")): str(p.get("type")) for p in listing if isinstance(p, dict)} \
             if isinstance(listing, list) else {}
-        for value, netdev in zip(values, answers[len(paths) + 1:], strict=True):
+        for value, netdev in zip(values, answers[len(paths) + 1:2 * len(paths) + 1], strict=True):
             if netdev is not None:
                 value["netdev"] = netdev
+        proxies = list(answers[2 * len(paths) + 1:])
     if paths and not types:
         notes.append("the virtio-net properties could not be listed")
     local = _Host(qmp.peer_pid)
@@ -256,11 +258,15 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     read = await asyncio.gather(*(_read_props(qmp, p, to_read, n) if to_read else _none()
                                   for p, (_, to_read), n in zip(paths, plans, nic_notes, strict=True)))
     if not batch and not status_safe:  # the derivation needs the PCI transport mode too
-        proxies = list(await asyncio.gather(*(_read_props(qmp, d, list(_PROXY_EXTRA), []) for d in devs)))
+        extra = await asyncio.gather(*(_read_props(qmp, d, list(_PROXY_EXTRA), []) for d in devs))
+        proxies = [p | e for p, e in zip(proxies, extra, strict=True)]
+    paths_by_dev = await _dev_paths(qmp, devs, {d: p for d, p in zip(devs, proxies, strict=True) if "parent_bus" in p})
     nics = []
     try:
-        for p, (implied, _), got, value, proxy, f, n in zip(paths, plans, read, values, proxies, nics_fields,
-                                                             nic_notes, strict=True):
+        for p, (implied, _), got, value, proxy, f, n, dev_path in zip(paths, plans, read, values, proxies,
+                                                                       nics_fields, nic_notes, paths_by_dev,
+                                                                       strict=True):
+            f["dev_path"] = dev_path
             props = implied | _tris(got or {}, n)
             value = value | (got or {})
             backend = f.pop("_backend")
@@ -273,6 +279,53 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
                         made_at=int(time.time()), side=side)
     except (TypeError, ValueError) as err:
         raise ReplyError(f"{host}: QEMU's answers do not make a valid report: {err}") from err
+
+
+_ROOT_HOSTS = {"/machine/q35": "0000:00", "/machine/i440fx": "0000:00"}  # q35/i440fx root_bus_path callbacks
+
+
+async def _dev_paths(qmp: ReadOnlyQMP, devs: list[str], known: dict[str, dict[str, object]]) -> list[str | None]:
+    """QEMU's name for each device's migrated state (``hw/pci/pci.c``, ``pcibus_get_dev_path``: the root bus
+    path, then ``:SS.F`` for every PCI device from the root down to this one), from each device's ``addr``
+    (devfn) and ``parent_bus`` read-only, walking up through bridges; None where it cannot be told (not PCI, an
+    unknown host bridge, a reply that is not what QEMU gives)."""
+    props: dict[str, dict[str, object]] = dict(known)
+
+    async def read(paths: list[str]) -> None:
+        todo = [p for p in dict.fromkeys(paths) if p not in props]
+        values = await asyncio.gather(*(_read_props(qmp, p, ["addr", "parent_bus"], []) for p in todo))
+        props.update(zip(todo, values, strict=True))
+
+    await read(devs)
+    chains: list[list[str] | None] = []
+    for dev in devs:
+        chain: list[str] | None = [dev]
+        for _ in range(16):  # bridges nest a few levels deep at most
+            assert chain is not None
+            bus = props.get(chain[-1], {}).get("parent_bus")
+            owner = bus.rsplit("/", 1)[0] if isinstance(bus, str) and "/" in bus.strip("/") else None
+            if owner is None:
+                chain = None
+                break
+            if owner in _ROOT_HOSTS:
+                chain.append(owner)
+                break
+            if owner not in props:
+                await read([owner])
+            if not isinstance(props[owner].get("addr"), int):
+                chain = None  # a host bridge this code does not know (pxb, ...), or not PCI at all
+                break
+            chain.append(owner)
+        chains.append(chain)
+    out: list[str | None] = []
+    for chain in chains:
+        addrs = [props[p].get("addr") for p in chain[:-1]] if chain else []
+        if not chain or not all(isinstance(a, int) and 0 <= a < 256 for a in addrs):
+            out.append(None)
+            continue
+        slots = "".join(f":{a >> 3:02x}.{a & 7:x}" for a in reversed(addrs))  # type: ignore[operator]
+        out.append(_ROOT_HOSTS[chain[-1]] + slots)
+    return out
 
 
 def _derived_fields(props: dict[str, Tri], backend: Backend, proxy: dict[str, object],

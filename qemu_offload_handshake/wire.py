@@ -71,10 +71,11 @@ _Str = wl.Text(MAX_STRING_BYTES)
 _Bits = wl.Bitmap(MAX_BITMAP_BYTES)
 _U8 = wl.Uint(1)
 _MADE_AT_LIMIT = (1 << 40) - 1
-NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED = 1, 2  # extension tags (format 1.1)
+NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED, NIC_EXT_DEV_PATH = 1, 2, 3  # extension tags (format 1.1)
 VM_EXT_NAME, VM_EXT_UUID, VM_EXT_MADE_AT, VM_EXT_SIDE = 1, 2, 3, 4
 _NicExt = wl.Extensions(_Count, _Length, {NIC_EXT_OFFERED_UNKNOWN: ("offered_unknown", _Bits, 0),
-                                          NIC_EXT_DERIVED: ("derived", wl.BitSet(DERIVABLE), ())})
+                                          NIC_EXT_DERIVED: ("derived", wl.BitSet(DERIVABLE), ()),
+                                          NIC_EXT_DEV_PATH: ("dev_path", _Str, None)})
 _VmExt = wl.Extensions(_Count, _Length, {
     VM_EXT_NAME: ("vm_name", _Str, None), VM_EXT_UUID: ("vm_uuid", _Str, None),
     VM_EXT_MADE_AT: ("made_at", wl.VarInt(_MADE_AT_LIMIT), None), VM_EXT_SIDE: ("side", wl.Choice(SIDES), None)})
@@ -122,7 +123,7 @@ def _nic(this: dict[str, Any], parent: Any) -> tuple[str, NicReport]:
     nic = NicReport(
         this["qdev_id"], this["qom_path"], this["netdev_id"], this["backend"], tuple(sorted(props.items())),
         this["offered"], this["negotiated"], this["driver_status"], this["backend_features"],
-        None if vnet is None else bool(vnet), tuple(this["unreadable"]), unknown, derived)
+        None if vnet is None else bool(vnet), tuple(this["unreadable"]), unknown, derived, ext.get("dev_path"))
     return nic.key, nic
 
 
@@ -288,7 +289,7 @@ def _nic_obj(nic: NicReport) -> dict[str, Any]:
             hi |= (tri >> 1) << feature.bit
     return obj | {"present": present, "qdev_id": nic.qdev_id, "qom_path": nic.qom_path, "tri_lo": lo,
                   "tri_hi": hi, "other_props": other, "unreadable": nic.unreadable,
-                  "ext": {"offered_unknown": nic.offered_unknown, "derived": nic.derived}}
+                  "ext": {"offered_unknown": nic.offered_unknown, "derived": nic.derived, "dev_path": nic.dev_path}}
 
 
 class _Table:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qemu_offload_handshake.features import bits_of
-from qemu_offload_handshake.lab import Lab, Nic, VmSpec
+from qemu_offload_handshake.lab import Lab, Nic, VmSpec, before_first_device
 from qemu_offload_handshake.probe import probe_vm
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 
@@ -21,7 +21,7 @@ ROOT_PORT = ["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=0x10"]
 @pytest.mark.parametrize(("qemu", "machine"), [("10", "q35"), ("7.2", "pc-q35-7.2"), ("10", "pc-q35-7.2")])
 async def test_derived_offered_bits_agree_with_what_qemu_reports(qlab: Lab, qemu: str, machine: str) -> None:
     vm = await qlab.start(VmSpec(qemu=qemu, machine=machine, mode="booted", nics=NICS),  # type: ignore[arg-type]
-                          rewrite=lambda argv: [argv[0], *ROOT_PORT, *argv[1:]])  # the port before its NIC
+                          rewrite=lambda argv: before_first_device(argv, ROOT_PORT))  # the port before its NIC
     async with ReadOnlyQMP(parse_address(vm.address)) as qmp:
         real = await probe_vm(qmp, host="read")
         derived = await probe_vm(qmp, host="derived", derive=True)
