@@ -30,7 +30,7 @@ def nic(offered: int = OFFERED, negotiated: int | None = None, status: int = 0, 
     declared = {p: Tri.ON for p, f in BY_PROPERTY.items() if offered >> f.bit & 1} | props
     return NicReport.make(key, f"/machine/peripheral/{key}", properties=declared, offered=offered,
                           negotiated=negotiated if negotiated is not None else (NEGOTIATED if status else 0),
-                          driver_status=status)
+                          driver_status=status, dev_path=f"0000:00:{sum(map(ord, key)) % 32:02x}.0")
 
 
 def vm(*nics: NicReport, machine: str = "pc-q35-10.0") -> VmReport:
@@ -107,7 +107,7 @@ def test_device_missing_extra_and_machine_type() -> None:
 
 
 def test_missing_facts_are_never_compatible() -> None:
-    unread = NicReport.make("net0", "/p", offered=None, driver_status=0)
+    unread = NicReport.make("net0", "/p", offered=None, driver_status=0, dev_path=nic().dev_path)
     assert decide(vm(nic()), vm(unread)).outcome is Outcome.UNKNOWN
     assert decide(vm(nic()), None, problems=["dest down"]).outcome is Outcome.UNKNOWN
     no_machine = VmReport("h", None, None, None, (nic(),))
