@@ -2,8 +2,9 @@
 
 Construct's compiled code reads with bare ``io.read(n)`` and does not check short reads, some of its checks are
 ``assert``s that vanish under ``python -O``, and its documentation says not to feed compiled parsers untrusted
-data. So every leaf here reads through ``read_exact`` and checks every limit with ``if ...: raise`` in plain
-Python; the compiled code calls the leaves for both parsing and building.
+data. So every leaf here checks what it reads (short reads included) and every limit with ``if ...: raise`` in
+plain Python; the compiled code calls the leaves (or, for a varint's one-byte case, runs the leaf's own checked
+expression) for both parsing and building.
 
 The structure (``Struct``, ``Array``, ``Sized``, and construct's own ``If``) compiles, for parsing, to plain
 Python that decodes in one pass with no second parse and no construct ``Container``:
@@ -26,23 +27,8 @@ from typing import Any
 
 import construct as cs
 
-__all__ = [
-    "Array",
-    "BitSet",
-    "Bitmap",
-    "Blob",
-    "Choice",
-    "Extensions",
-    "FieldError",
-    "Leaf",
-    "Sized",
-    "Struct",
-    "Text",
-    "Uint",
-    "VarInt",
-    "compile_layout",
-    "read_exact",
-]
+__all__ = ["Array", "BitSet", "Bitmap", "Blob", "Choice", "Extensions", "FieldError", "Leaf", "Sized", "Struct",
+           "Text", "Uint", "VarInt", "compile_layout", "read_exact"]
 
 _BYTES = [bytes((i,)) for i in range(256)]
 
@@ -392,29 +378,26 @@ class Array(cs.Subconstruct):  # type: ignore[misc]
 
     def _emitparse(self, code: Any) -> str:
         code.linkedinstances[id(self)] = self
-        me = f"linkedinstances[{id(self)}]"
-        fname = f"parse_array_{code.allocateId()}"
-        count = self.count._compileparse(code)
-        if isinstance(self.subcon, Struct) and self.subcon.tuple and not self.subcon.make:
-            # a plain tuple item: read in the loop itself, no call per item
-            fields = [(sc.name, sc._compileparse(code)) for sc in self.subcon.subcons]
-            read = [f"field = {name!r}\nvalue{i} = {parse}" for i, (name, parse) in enumerate(fields)]
-            item = f"({''.join(f'value{i}, ' for i in range(len(fields)))})"
+        me, item = f"linkedinstances[{id(self)}]", self.subcon
+        loop = [f"for index in range({self.count._compileparse(code)}):"]
+        if isinstance(item, Struct) and item.tuple and not item.make:  # a plain tuple: read here, no call per item
+            for i, sc in enumerate(item.subcons):
+                loop += [f"    field = {sc.name!r}", f"    value{i} = {sc._compileparse(code)}"]
+            value = f"({''.join(f'value{i}, ' for i in range(len(item.subcons)))})"
             fail = f"{me}.failure(err, field, io)"
         else:
-            read, item, fail = [], self.subcon._compileparse(code), "err"
+            value, fail = item._compileparse(code), "err"
         if self.unique:
-            store = [f"key, value = {item}", "field = None", f"if key in items:\n    raise {me}.twice(key)",
-                     "items[key] = value"]
+            loop += [f"    key, value = {value}", "    field = None", "    if key in items:",
+                     f"        raise {me}.twice(key)", "    items[key] = value"]
         else:
-            store = [f"items.append({item})"]
-        body = "\n".join(["items = {}" if self.unique else "items = []", "field = None",
-                          f"for index in range({count}):", *("    " + line for line in "\n".join(
-                              read + store).splitlines()), "return items"])
-        lines = [f"def {fname}(io, this):", "    index = None", "    try:",
-                 *("        " + line for line in body.splitlines()),
-                 "    except Exception as err:", f"        raise {me}.failure({fail}, index, io) from None"]
-        code.append("\n".join(lines))
+            loop += [f"    items.append({value})"]
+        fname = f"parse_array_{code.allocateId()}"
+        code.append("\n".join([
+            f"def {fname}(io, this):", "    index = field = None", "    try:",
+            "        items = {}" if self.unique else "        items = []", *("        " + line for line in loop),
+            "        return items", "    except Exception as err:",
+            f"        raise {me}.failure({fail}, index, io) from None"]))
         return f"{fname}(io, this)"
 
     failure = staticmethod(failure)

@@ -165,14 +165,14 @@ bitmaps = st.one_of(st.none(), st.integers(min_value=0, max_value=(1 << 130) - 1
 tris = st.sampled_from([Tri.OFF, Tri.ON, Tri.AUTO])
 prop_names = st.one_of(st.sampled_from(sorted(BY_PROPERTY)), st.from_regex(r"x_[a-z]{1,8}", fullmatch=True))
 nics = st.builds(
-    lambda i, path, netdev, backend, props, off, neg, status, bf, vh, notes, derived, unknown: NicReport.make(
+    lambda i, path, netdev, backend, props, off, neg, status, bf, vh, notes, derived, unknown, dev_path: NicReport.make(
         f"net{i}", path, properties=props, unreadable=notes, netdev_id=netdev, backend=backend, offered=off,
-        negotiated=neg, driver_status=status, backend_features=bf, vnet_hdr=vh,
+        negotiated=neg, driver_status=status, backend_features=bf, vnet_hdr=vh, dev_path=dev_path,
         **derived_fields(off, derived, unknown)),
     st.integers(0, 10**6), texts, st.one_of(st.none(), texts), st.one_of(st.none(), texts),
     st.dictionaries(prop_names, tris, max_size=8), bitmaps, bitmaps, st.one_of(st.none(), st.integers(0, 255)),
     bitmaps, st.one_of(st.none(), st.booleans()), st.lists(texts, max_size=3), derivable,
-    st.integers(0, (1 << 200) - 1))
+    st.integers(0, (1 << 200) - 1), st.one_of(st.none(), texts))
 versions = st.one_of(st.none(), st.tuples(*[st.integers(0, 65535)] * 3))
 vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes, known, about: VmReport(
     host, ver, pkg, mach, tuple({n.key: n for n in nic_list}.values()), tuple(notes),
@@ -220,12 +220,12 @@ def mutations(data: bytes, rng: random.Random) -> bytes:
 FUZZ = """
 import random, sys
 sys.path.insert(0, {tests!r})
-from test_wire import GOLDEN_VM, mutations, VM
+from test_wire import GOLDEN_VM, GOLDEN_VM_1_1, mutations, VM
 from qemu_offload_handshake import CapabilitySet, DecodeError, HostCapabilities, decode, encode
 rng = random.Random({seed})
 hosts = tuple(HostCapabilities(f"h{{i}}", (10, 0, i), "pkg", "q35", (("tap", 0xFF << i), ("user", 3)))
               for i in range(3))
-seeds = [GOLDEN_VM, encode(VM, key=b"k"), encode(hosts[0]), encode(CapabilitySet(hosts))]
+seeds = [GOLDEN_VM, GOLDEN_VM_1_1, encode(VM, key=b"k"), encode(hosts[0]), encode(CapabilitySet(hosts))]
 for i in range({n}):
     data = mutations(rng.choice(seeds), rng)
     try:
