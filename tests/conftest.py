@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fakeqmp import TRANSCRIPT, FakeQMP, load_transcript, transcript_greeting
 
 Serve = Callable[..., Awaitable[str]]
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_read_only() -> tuple[frozenset[str], frozenset[str]]:
+    """What the README promises the precheck sends: the QMP commands and the HMP lines (``human-monitor-command``)
+    named in backticks in its sentence "The precheck sends only read-only commands (...)"."""
+    text = " ".join(README.read_text().split())
+    start = text.index("The precheck sends only read-only commands (")
+    listed = text[start:text.index(")", start)]
+    commands, _, hmp = listed.partition("`human-monitor-command` with exactly the line")
+    names = frozenset(re.findall(r"`([^`]+)`", commands)) | ({"human-monitor-command"} if hmp else set())
+    lines = frozenset(re.findall(r"`([^`]+)`", hmp))
+    # the parse itself: the status query and one HMP line at least, and nothing that is not a command name
+    assert "x-query-virtio-status" in names and lines and all(re.fullmatch(r"[a-z-]+", n) for n in names), listed
+    return names, lines
+
 
 CI = os.environ.get("CI", "").lower() == "true"
 _before: tuple[list[int], list[str], list[str]] = ([], [], [])
@@ -55,20 +73,26 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Serve]:
-    """serve(**FakeQMP fields) -> a QMP address of a fake server replaying the 4-NIC QEMU 10 transcript."""
+def fakes() -> list[FakeQMP]:
+    """The fake servers ``serve`` started in this test, in order: what each actually received."""
+    return []
+
+
+@pytest.fixture
+async def serve(fakes: list[FakeQMP]) -> AsyncIterator[Serve]:
+    """serve(transcript, **FakeQMP fields) -> a QMP address of a fake server replaying a transcript (default: the
+    4-NIC QEMU 10 one), greeting with the transcript's version unless ``version`` is given."""
     tmp = tempfile.mkdtemp(prefix="qoh-fake-")
-    servers: list[FakeQMP] = []
 
     async def start(transcript: str = TRANSCRIPT, **kw: Any) -> str:
         version, package = transcript_greeting(transcript)
         server = FakeQMP(load_transcript(transcript), **({"version": version, "package": package} | kw))
-        path = f"{tmp}/{len(servers)}.sock"
+        path = f"{tmp}/{len(fakes)}.sock"
         await server.start(path)
-        servers.append(server)
+        fakes.append(server)
         return f"unix:{path}"
 
     yield start
-    for server in servers:
+    for server in fakes:
         await server.close()
     shutil.rmtree(tmp, ignore_errors=True)

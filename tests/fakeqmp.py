@@ -23,6 +23,13 @@ TRANSCRIPT = "qemu10-4nics-booted"  # 4 NICs, QEMU 10.0.2, booted guest
 # A behaviour for one command: a reply object ({"return": ...} / {"error": ...}), or one of these words.
 HANG, DROP, GARBAGE = "hang", "drop", "garbage"
 Behaviour = dict[str, Any] | str | Callable[[dict[str, Any]], dict[str, Any] | str]
+# Commands QEMU has only from a version on (qapi/*.json "Since:"): a fake QEMU announcing an older version answers
+# CommandNotFound for them, as that QEMU would, whatever the transcript holds.
+SINCE: dict[str, tuple[int, int, int]] = {
+    "x-query-virtio": (7, 2, 0),
+    "x-query-virtio-status": (7, 2, 0),
+    "qom-list-get": (10, 1, 0),
+}
 
 
 def load_transcript(name: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -42,7 +49,7 @@ class FakeQMP:
     replies: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     overrides: dict[str, Behaviour] = field(default_factory=dict)  # by command name
     greet: bool = True  # False: accept the connection and never send the greeting (a stopped QEMU)
-    version: tuple[int, int, int] | None = (10, 0, 2)  # None: a greeting without a version
+    version: tuple[int, int, int] | None = (10, 0, 2)  # announced in the greeting (None: none); see SINCE
     package: str = "fake"
     received: list[str] = field(default_factory=list)  # every command that arrived, in order
     hmp_lines: list[str] = field(default_factory=list)  # every human-monitor-command line that arrived
@@ -71,6 +78,8 @@ class FakeQMP:
             return behaviour(args)
         if behaviour is not None:
             return behaviour
+        if self.version is not None and self.version < SINCE.get(command, (0, 0, 0)):
+            return {"error": {"class": "CommandNotFound", "desc": f"The command {command} has not been found"}}
         reply = self.replies.get((command, json.dumps(args, sort_keys=True)))
         if reply is not None:
             return reply

@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Serve
-from fakeqmp import DATA, DROP, GARBAGE, HANG, TRANSCRIPT, load_transcript
+from conftest import Serve, readme_read_only
+from fakeqmp import DATA, DROP, GARBAGE, HANG, TRANSCRIPT, FakeQMP, load_transcript
 
 from qemu_offload_handshake import UsageError, VmReport, decode
 from qemu_offload_handshake.api import precheck, probe
-from qemu_offload_handshake.decide import Severity
+from qemu_offload_handshake.decide import Severity, Verdict
 from qemu_offload_handshake.model import Tri
 
 
@@ -24,6 +24,11 @@ def status_reply(path: str, transcript: str = TRANSCRIPT) -> dict[str, Any]:
 
 
 NET0 = "/machine/peripheral/net0/virtio-backend"
+
+
+def whys(verdict: Verdict) -> list[tuple[str, str]]:
+    """(code, why) of every finding, when each is expected exactly."""
+    return [(f.code, f.why) for f in verdict.findings]
 
 
 async def test_replayed_real_answers_give_the_report_real_qemu_gave(serve: Serve) -> None:
@@ -37,33 +42,54 @@ async def test_replayed_real_answers_give_the_report_real_qemu_gave(serve: Serve
     assert verdict.verdict == "compatible"
 
 
+@pytest.mark.parametrize(("transcript", "expected"), [("qemu10-4nics-booted", "compatible"),
+                                                     ("qemu72-1nic-booted", "compatible"),
+                                                     ("qemu111-2nics-booted", "unknown")])  # no tap to read for a fake
+async def test_what_arrives_is_only_what_the_readme_lists(serve: Serve, fakes: list[FakeQMP], transcript: str,
+                                                          expected: str) -> None:
+    commands, hmp_lines = readme_read_only()
+    verdict = await precheck(await serve(transcript), await serve(transcript))
+    assert verdict.verdict == expected
+    for fake in fakes:  # what the servers received (not what the client meant to send)
+        assert "x-query-virtio" in fake.received
+        assert set(fake.received) - {"qmp_capabilities"} <= commands, fake.received  # the README's list, no other
+        assert fake.hmp_lines == ["info network"]
+        assert all(line in hmp_lines for line in fake.hmp_lines)
+
+
 async def test_a_hung_command_is_unknown_not_a_hang(serve: Serve) -> None:
     hung = await serve(overrides={"x-query-virtio-status": HANG})
     start = time.monotonic()
     verdict = await precheck(await serve(), hung, timeout=0.5)
     assert time.monotonic() - start < 5
     assert verdict.verdict == "unknown"
-    assert any("destination could not be probed" in f.why and "no answer within 0.5 s" in f.why
-               for f in verdict.findings)
+    assert whys(verdict) == [("probe-failed", f"the destination could not be probed: {hung}: x-query-virtio-status got "
+                                              "no answer within 0.5 s")]
 
 
 async def test_a_stopped_qemu_that_never_greets_is_unknown(serve: Serve) -> None:
-    verdict = await precheck(await serve(greet=False), await serve(), timeout=0.5)
+    stopped = await serve(greet=False)
+    verdict = await precheck(stopped, await serve(), timeout=0.5)
     assert verdict.verdict == "unknown"
-    assert any("no QMP greeting" in f.why for f in verdict.findings)
+    assert whys(verdict) == [("probe-failed", f"the source could not be probed: {stopped}: no QMP greeting within "
+                                              "0.5 s (QEMU stopped or hung?)")]
 
 
 @pytest.mark.parametrize("behaviour", [DROP, GARBAGE], ids=["dropped", "garbage"])
 async def test_dropped_connection_or_garbage_mid_probe_is_unknown(serve: Serve, behaviour: str) -> None:
-    verdict = await precheck(await serve(), await serve(overrides={"qom-list": behaviour}), timeout=2)
+    broken = await serve(overrides={"qom-list": behaviour})
+    verdict = await precheck(await serve(), broken, timeout=2)
     assert verdict.verdict == "unknown"
     assert verdict.dest is None
+    assert whys(verdict) == [("probe-failed", f"the destination could not be probed: {broken}: qom-list failed: "
+                                              "ExecInterruptedError('Disconnected')")]
 
 
 async def test_nothing_listening_is_unknown(serve: Serve) -> None:
     verdict = await precheck(await serve(), "unix:/nonexistent/qmp.sock", timeout=1)
     assert verdict.verdict == "unknown"
-    assert any("cannot connect" in f.why for f in verdict.findings)
+    assert whys(verdict) == [("probe-failed", "the destination could not be probed: unix:/nonexistent/qmp.sock: "
+                                              "cannot connect: [Errno 2] No such file or directory")]
 
 
 async def test_error_reply_for_a_device_is_unknown_with_the_reason(serve: Serve) -> None:
@@ -73,18 +99,35 @@ async def test_error_reply_for_a_device_is_unknown_with_the_reason(serve: Serve)
         return status_reply(args["path"])
     verdict = await precheck(await serve(), await serve(overrides={"x-query-virtio-status": status}))
     assert verdict.verdict == "unknown"
-    assert any(f.device == "net0" and "device is being unplugged" in f.why for f in verdict.findings)
+    unknown = [f for f in verdict.findings if f.severity is Severity.UNKNOWN]
+    assert unknown[0].why == "on the destination, x-query-virtio-status: GenericError: device is being unplugged."
+    # only that device is unknown (the other notes: the properties its offer no longer implies, read one by one
+    # and not in the transcript)
+    assert {(f.device, f.code) for f in unknown} == {("net0", "unreadable"), ("net0", "backend-vnet_hdr-unknown"),
+                                                      ("net0", "backend-has_ufo-unknown"), ("net0", "offered-unknown")}
 
 
-async def test_qemu_older_than_7_2_is_unknown_unless_already_blocked(serve: Serve) -> None:
-    old = {"x-query-virtio": {"error": {"class": "CommandNotFound", "desc": "The command x-query-virtio has not "
-                                                                           "been found"}}}
-    verdict = await precheck(await serve(), await serve(overrides=old, version=(7, 1, 0)))
+async def test_qemu_older_than_7_2_is_unknown_unless_already_blocked(serve: Serve, fakes: list[FakeQMP]) -> None:
+    # QEMU 7.1 has no x-query-virtio(-status): the fake answers CommandNotFound because it greets as 7.1.0, with no
+    # override saying so (a fake that greeted as anything from 7.2 on would answer, and the verdict would not be
+    # unknown)
+    verdict = await precheck(await serve(), await serve(version=(7, 1, 0)))
+    assert verdict.dest is not None
+    assert verdict.dest.qemu_version == (7, 1, 0)  # what the greeting announced, as the client read it
     assert verdict.verdict == "unknown"
-    assert any("older than 7.2" in f.why for f in verdict.findings)
-    other_machine = old | {"qom-get": lambda args: {"return": "pc-q35-7.1-machine"}}
-    verdict = await precheck(await serve(), await serve(overrides=other_machine))
+    assert whys(verdict) == [
+        ("unreadable", "on the destination, x-query-virtio (QEMU older than 7.2 has none): CommandNotFound: The "
+                       "command x-query-virtio has not been found."),
+        ("devices-unknown", "the virtio-net devices of a side could not be listed, so they cannot be compared.")]
+    assert "x-query-virtio" in fakes[1].received
+    assert "x-query-virtio-status" not in fakes[1].received
+    other_machine = {"qom-get": lambda args: {"return": "pc-q35-7.1-machine"}}
+    verdict = await precheck(await serve(), await serve(version=(7, 1, 0), overrides=other_machine))
+    assert verdict.dest is not None
+    assert verdict.dest.qemu_version == (7, 1, 0)
     assert verdict.verdict == "blocked"  # the machine types alone prove it
+    assert [(f.code, f.source, f.dest) for f in verdict.findings if f.severity is Severity.BLOCKER] == [
+        ("machine-differs", "pc-q35-10.0", "pc-q35-7.1")]
 
 
 async def test_onoffauto_string_properties_of_a_future_qemu(serve: Serve) -> None:
@@ -157,7 +200,9 @@ async def test_qemu_10_2_bits_above_63_destination_offers_less(serve: Serve) -> 
     assert {f.bit for f in strict.findings if f.code == "offer-missing"} == {65, 66, 67, 68}
     lenient = await precheck(newer, older, lenient=True)
     assert lenient.verdict == "compatible"  # the guest did not negotiate them: the load works
-    assert all(f.severity is not Severity.BLOCKER for f in lenient.findings)
+    assert {(f.device, f.severity, f.code, f.bit) for f in lenient.findings} == {
+        (device, Severity.WARNING, "offer-missing", bit) for device in ("net0", "net1", "net2", "net3")
+        for bit in (65, 66, 67, 68)}
 
 
 @pytest.mark.parametrize("address", ["", "tcp:host", "tcp:host:99999", "ftp://x", "unix:"])

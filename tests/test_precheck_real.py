@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import readme_read_only
 
 from qemu_offload_handshake.api import precheck
 from qemu_offload_handshake.argv import apply_adjustments
 from qemu_offload_handshake.decide import Severity, Verdict
 from qemu_offload_handshake.features import mask_of
 from qemu_offload_handshake.lab import Lab, Migration, Nic, Vm, VmSpec
-from qemu_offload_handshake.qmp import READ_ONLY_COMMANDS
 
 pytestmark = pytest.mark.qemu
 USO = mask_of([54, 55, 56])
@@ -44,6 +45,7 @@ async def test_uso_lost_with_booted_guest_is_blocked_and_migration_really_fails(
     spec = VmSpec(mode="booted")
     verdict, result = await check_then_migrate(qlab, spec, spec.destination({"net0": "tap-nouso"}))
     assert verdict.verdict == "blocked"
+    assert blockers(verdict) == {("net0", "negotiated-missing")}
     negotiated = {f.bit for f in verdict.findings if f.code == "negotiated-missing"}
     assert negotiated == {54, 55, 56}
     assert result.status == "failed"
@@ -67,6 +69,7 @@ async def test_uso_lost_with_paused_vm_strict_blocks_lenient_allows(qlab: Lab, l
         assert all(f.severity is Severity.WARNING for f in verdict.findings if f.code == "offer-missing")
     else:
         assert verdict.verdict == "blocked"
+        assert blockers(verdict) == {("net0", "offer-missing")}
 
 
 async def test_destination_offering_more_is_adjusted_relaunched_and_migrates(qlab: Lab) -> None:
@@ -92,7 +95,7 @@ async def test_property_differing_on_the_command_line(qlab: Lab) -> None:
     dest = VmSpec(nics=(Nic.make("net0", mrg_rxbuf=False),)).destination()
     verdict, result = await check_then_migrate(qlab, spec, dest)
     assert verdict.verdict == "blocked"
-    assert ("net0", "negotiated-missing") in blockers(verdict)
+    assert blockers(verdict) == {("net0", "negotiated-missing")}
     assert {f.bit for f in verdict.findings if f.code == "negotiated-missing"} == {15}  # MRG_RXBUF
     assert result.status == "failed"
 
@@ -101,7 +104,7 @@ async def test_several_nics_one_bad_names_only_that_one(qlab: Lab) -> None:
     spec = VmSpec(mode="booted", nics=(Nic("net0"), Nic("net1"), Nic("net2")))
     verdict, result = await check_then_migrate(qlab, spec, spec.destination({"net1": "tap-nouso"}))
     assert verdict.verdict == "blocked"
-    assert {device for device, _ in blockers(verdict)} == {"net1"}
+    assert blockers(verdict) == {("net1", "negotiated-missing")}
     assert result.status == "failed"
 
 
@@ -113,7 +116,7 @@ async def test_devices_without_an_id_are_matched_by_qom_path(qlab: Lab) -> None:
     assert sorted(n.key for n in verdict.source.nics) == ["/machine/peripheral-anon/device[0]", "net0"]
     assert result.status == "completed"
     bad, result = await check_then_migrate(qlab, spec, spec.destination({"": "tap-nouso"}))
-    assert {device for device, _ in blockers(bad)} == {"/machine/peripheral-anon/device[0]"}
+    assert blockers(bad) == {("/machine/peripheral-anon/device[0]", "negotiated-missing")}
     assert result.status == "failed"
 
 
@@ -127,7 +130,8 @@ async def test_missing_nic_is_blocked(qlab: Lab) -> None:
 async def test_tap_to_user_is_blocked_by_vnet_hdr(qlab: Lab) -> None:
     spec = VmSpec()
     verdict, result = await check_then_migrate(qlab, spec, spec.destination({"net0": "user"}))
-    assert ("net0", "backend-vnet_hdr") in blockers(verdict)
+    assert verdict.verdict == "blocked"
+    assert blockers(verdict) == {("net0", "backend-vnet_hdr"), ("net0", "backend-has_ufo"), ("net0", "offer-missing")}
     assert "saved image requires vnet_hdr=on" in result.dest_error
 
 
@@ -148,6 +152,9 @@ async def test_different_machine_types_are_blocked(qlab: Lab) -> None:
 
 
 async def test_precheck_sends_only_read_only_commands(qlab: Lab) -> None:
+    """QEMU's own trace of every QMP request against the README's list (not the code's allowlist, which a wrong
+    change could widen): only those commands, and only the HMP line ``info network``."""
+    commands, hmp_lines = readme_read_only()
     traces = [Path(qlab.dir) / f"trace-{i}.log" for i in range(2)]
     spec = VmSpec(mode="booted", nics=(Nic("net0"), Nic("net1", "tap-nouso")))
     vms: list[Vm] = []
@@ -156,12 +163,17 @@ async def test_precheck_sends_only_read_only_commands(qlab: Lab) -> None:
     verdict = await precheck(vms[0].address, vms[1].address)
     assert verdict.verdict == "adjustable"
     for trace in traces:
-        lines = [m.groups() for m in re.finditer(r"mon (0x[0-9a-f]+) req: .*?\"execute\": \"([^\"]+)\"",
-                                                  trace.read_text())]
-        lab_monitor = lines[0][0]  # the lab connected first, on its own monitor
-        seen = [cmd for mon, cmd in lines if mon != lab_monitor]
-        assert "x-query-virtio-status" in seen  # the precheck's commands are in the trace (QEMU's own record)
-        assert set(seen) <= READ_ONLY_COMMANDS | {"qmp_capabilities"}, seen
+        # handle_qmp_command: "mon 0x... req: {JSON request}", one line per request (QEMU monitor/qmp.c)
+        requests = [(m.group(1), json.loads(m.group(2)))
+                    for m in re.finditer(r"handle_qmp_command mon (0x[0-9a-f]+) req: (.*)", trace.read_text())]
+        lab_monitor = requests[0][0]  # the lab connected first, on its own monitor
+        seen = [req for mon, req in requests if mon != lab_monitor]
+        executed = [req["execute"] for req in seen]
+        assert "x-query-virtio-status" in executed  # the precheck's commands are in the trace (QEMU's own record)
+        assert set(executed) - {"qmp_capabilities"} <= commands, executed
+        hmp = [req["arguments"]["command-line"] for req in seen if req["execute"] == "human-monitor-command"]
+        assert hmp == ["info network"]
+        assert set(hmp) <= hmp_lines
 
 
 async def test_a_stopped_qemu_gives_unknown_within_the_timeout(qlab: Lab) -> None:
@@ -177,5 +189,7 @@ async def test_a_stopped_qemu_gives_unknown_within_the_timeout(qlab: Lab) -> Non
         os.kill(dst.proc.pid, signal.SIGCONT)
     assert verdict.verdict == "unknown"
     assert verdict.dest is None
-    assert any("destination could not be probed" in f.why for f in verdict.findings)
+    assert [(f.code, f.why) for f in verdict.findings] == [
+        ("probe-failed", f"the destination could not be probed: {dst.address}: no QMP greeting within 1.0 s (QEMU "
+                         "stopped or hung?)")]
     assert (await precheck(src.address, dst.address)).verdict == "compatible"  # and fine once it runs again
