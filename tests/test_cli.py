@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Serve
+from conftest import CHILD_PIDS, CI, Serve, ci_enabled, qemu_modules
+from fakeqmp import HANG
 from test_precheck_fake import tunnel_props, with_tunnel_bits
 
 from qemu_offload_handshake.argv import apply_adjustments
 from qemu_offload_handshake.errors import UsageError
-from qemu_offload_handshake.lab import prerequisites
+from qemu_offload_handshake.lab import clean, owned_leftovers, prerequisites
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
+async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run the command line; one that overruns ``timeout`` (or a test interrupted meanwhile) is killed, waited for,
+    and whatever lab it ran is cleaned (its QEMUs die with it, its taps and folders would not)."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "qemu_offload_handshake", *args,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    CHILD_PIDS.add(proc.pid)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        pytest.fail(f"{' '.join(args)}: no exit within {timeout} s; killed", pytrace=False)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+            clean(owned_leftovers({proc.pid}))
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -133,3 +151,164 @@ async def test_demo_shows_the_three_cases_and_real_migrations_agree() -> None:
     assert migrations[:2] == ["real migration: completed"] * 2
     assert migrations[2].startswith("real migration: failed (destination: Features 0x")
     assert migrations[2].endswith("source is running")
+
+
+async def test_a_command_that_overruns_is_killed_and_waited_for(serve: Serve) -> None:
+    hung = await serve(overrides={"x-query-virtio-status": HANG})
+    before = set(CHILD_PIDS)
+    with pytest.raises(pytest.fail.Exception, match=r"no exit within 1 s; killed"):
+        await cli("precheck", "--source", hung, "--dest", hung, "--timeout", "60", timeout=1)
+    (pid,) = CHILD_PIDS - before
+    with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie is left
+        os.kill(pid, 0)
+
+
+# The suite's own guards (tests/conftest.py), each checked by running pytest on part of this suite.
+
+ROOT = Path(__file__).parents[1]
+
+
+def pytest_run(*args: str, ci: str | None = None, **env: str) -> tuple[int, str]:
+    """Run pytest on this suite in a child (``CI`` set to ``ci``, or unset): exit code and output."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")} | env
+    if ci is not None:
+        environ["CI"] = ci
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=120, check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("value", "enabled"), [
+    (None, False), ("", False), ("0", False), ("false", False), ("False", False), (" FALSE ", False),
+    ("true", True), ("True", True), ("1", True), ("yes", True), ("on", True), ("github-actions", True)])
+def test_ci_is_any_value_but_empty_0_or_false(value: str | None, enabled: bool) -> None:
+    assert ci_enabled(value) is enabled
+
+
+@pytest.mark.parametrize("ci", ["1", "yes", "True", "true"])
+def test_under_ci_real_qemu_tests_dropped_by_k_fail_the_run(ci: str) -> None:
+    code, out = pytest_run("tests/test_precheck_real.py", "-k", "no_test_has_this_name", ci=ci)
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "CI: 15 real-QEMU tests were deselected" in out
+
+
+@pytest.mark.parametrize("ci", [None, "0", "false"])
+def test_outside_ci_dropping_real_qemu_tests_is_allowed(ci: str | None) -> None:
+    code, out = pytest_run("tests/test_precheck_real.py", "-k", "no_test_has_this_name", ci=ci)
+    assert code == pytest.ExitCode.NO_TESTS_COLLECTED, out
+    assert "CI:" not in out
+
+
+def test_under_ci_a_missing_prerequisite_fails_instead_of_skipping() -> None:
+    code, out = pytest_run("tests/test_features_real.py", QOH_CACHE="/nonexistent")
+    assert code == pytest.ExitCode.OK, out
+    assert "2 skipped" in out
+    code, out = pytest_run("tests/test_features_real.py", ci="1", QOH_CACHE="/nonexistent")
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "2 failed" in out
+    assert "Failed: real-QEMU prerequisites missing (run scripts/setup.sh)" in out
+
+
+def test_under_ci_real_qemu_tests_skipped_or_not_collected_fail_the_run(tmp_path: Path) -> None:
+    (tmp_path / "skip_them.py").write_text(
+        "import pytest\n\n"
+        "def pytest_collection_modifyitems(items):\n"
+        "    for item in items:\n"
+        "        item.add_marker(pytest.mark.skip(reason='skipped by a plugin'))\n")
+    code, out = pytest_run("-p", "skip_them", "tests/test_features_real.py", ci="yes", PYTHONPATH=str(tmp_path))
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "CI: 2 real-QEMU tests were skipped" in out
+    assert "skipped by a plugin" in out
+    code, out = pytest_run("tests/test_qmp.py", "-k", "addresses", ci="yes")
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    modules = sorted(qemu_modules(ROOT / "tests"))
+    assert {"test_precheck_real.py", "test_cli.py", "test_features_real.py"} <= set(modules)
+    assert f"CI: real-QEMU test modules not collected (or all their qemu tests dropped): {modules}" in out
+
+
+def need_taps() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        message = "needs root and /dev/net/tun for tap devices"
+        if CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def fake_qemu(owner: int) -> subprocess.Popen[bytes]:
+    """A process that looks like a lab QEMU of ``owner`` (its -name), so nothing real has to be left behind."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "qemu-system-x86_64", "-name",
+                             f"qoh-lab-{owner}-1"])
+
+
+def tap_exists(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+@pytest.mark.qemu
+def test_a_test_that_leaks_fails_naming_what_it_left_which_is_cleaned(tmp_path: Path) -> None:
+    need_taps()
+    (tmp_path / "test_leaky.py").write_text(
+        "import os, subprocess, sys, pytest\n\n"
+        "@pytest.mark.qemu\n"
+        "def test_leaks() -> None:\n"
+        "    subprocess.run(['ip', 'tuntap', 'add', 'dev', f'qoh{os.getpid() % 100000}t900', 'mode', 'tap'],\n"
+        "                   check=True)\n"
+        "    os.mkdir(f'/tmp/qoh-fake-{os.getpid()}-leak')\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', 'qemu-system-x86_64',\n"
+        "                      '-name', f'qoh-lab-{os.getpid()}-1'])\n\n"
+        "@pytest.mark.qemu\n"
+        "def test_tidy() -> None:\n"
+        "    pass\n")
+    # tests/conftest.py as a plugin, for a test file outside tests/
+    code, out = pytest_run("-c", str(ROOT / "pyproject.toml"), "-p", "conftest", str(tmp_path / "test_leaky.py"),
+                           PYTHONPATH=str(ROOT / "tests"))
+    assert code == pytest.ExitCode.TESTS_FAILED, out
+    assert "ERROR at teardown of test_leaks _" in out
+    m = re.search(r"LEAK: \S*::test_leaks left QEMU processes \[(\d+)\], tap devices \['qoh(\d+)t900'\] "
+                  r"and folders \['(/tmp/qoh-fake-\d+-leak)'\] behind \(now cleaned: killed QEMU \1 .*; deleted tap "
+                  r"qoh\2t900; removed folder \3\)", out)
+    assert m, out
+    assert "1 error" in out
+    assert "test_tidy" not in out  # the next test is not blamed
+    assert "\nLEAK: the run left" not in out  # cleaned at once: nothing left at the end of the run
+    qemu, owner = int(m.group(1)), int(m.group(2))
+    assert not Path(f"/proc/{qemu}/cmdline").exists() or b"qoh-lab" not in Path(f"/proc/{qemu}/cmdline").read_bytes()
+    assert not tap_exists(f"qoh{owner}t900")
+    assert not Path(m.group(3)).exists()
+
+
+def dead_owner() -> int:
+    """A number no live process has as its pid modulo 100000 (so a name carrying it has a dead owner)."""
+    live = {int(p.name) % 100000 for p in Path("/proc").iterdir() if p.name.isdigit()}
+    return next(n for n in range(99999, 0, -1) if n not in live)
+
+
+@pytest.mark.qemu
+def test_the_session_cleans_what_dead_runs_left_and_nothing_of_live_ones() -> None:
+    need_taps()
+    dead, me = dead_owner(), os.getpid()
+    stale = {"tap": f"qoh{dead}t1", "folder": f"/tmp/qoh-fake-{dead}-stale"}
+    live = {"tap": f"qoh{me % 100000}t901", "folder": f"/tmp/qoh-fake-{me}-live"}
+    stale_qemu, live_qemu = fake_qemu(dead), fake_qemu(me)  # a live run's QEMU: its owner is its parent
+    try:
+        for items in (stale, live):
+            subprocess.run(["ip", "tuntap", "add", "dev", items["tap"], "mode", "tap"], check=True)
+            os.mkdir(items["folder"])
+        time.sleep(0.2)  # the fake QEMUs have exec'd
+        code, out = pytest_run("tests/test_qmp.py", "-k", "test_addresses")
+        assert code == pytest.ExitCode.OK, out
+        assert (f"cleaned what earlier runs left behind: killed QEMU {stale_qemu.pid} (-name qoh-lab-{dead}-...); "
+                f"deleted tap {stale['tap']}; removed folder {stale['folder']}") in out
+        assert stale_qemu.wait(5) == -signal.SIGKILL
+        assert not tap_exists(stale["tap"])
+        assert not os.path.exists(stale["folder"])
+        assert live_qemu.poll() is None  # another run's (here: this one's) things are left alone
+        assert tap_exists(live["tap"])
+        assert os.path.exists(live["folder"])
+    finally:
+        for proc in (stale_qemu, live_qemu):
+            proc.kill()
+            proc.wait()
+        for items in (stale, live):
+            subprocess.run(["ip", "link", "del", items["tap"]], capture_output=True, check=False)
+            shutil.rmtree(items["folder"], ignore_errors=True)
