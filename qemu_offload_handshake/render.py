@@ -6,15 +6,28 @@ from typing import Any
 
 from .decide import Finding, Verdict
 from .model import CapabilitySet, HostCapabilities, NicReport, VmReport
+from .virtio_status import STATUS_BITS
 
 __all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
 
 EXIT_CODES = {"compatible": 0, "blocked": 1, "adjustable": 3, "unknown": 4}
+FEATURES_OK = STATUS_BITS["VIRTIO_CONFIG_S_FEATURES_OK"]
 
 
-def _finding(f: Finding) -> dict[str, Any]:
+def has_negotiated(nic: NicReport | None) -> bool:
+    """Whether the source's driver has negotiated features that were read: FEATURES_OK set (where the status is
+    known) and a non-zero negotiated bitmap, read rather than derived."""
+    if nic is None or not nic.negotiated or {"negotiated", "driver_status"} & set(nic.derived):
+        return False
+    return nic.driver_status is None or bool(nic.driver_status & FEATURES_OK)
+
+
+def _finding(f: Finding, v: Verdict) -> dict[str, Any]:
+    # README: ``negotiated`` is null when no driver has negotiated (or what it negotiated is not known).
+    source = v.source.nic(f.device) if v.source is not None and f.device else None
+    negotiated = f.negotiated if has_negotiated(source) else None
     return {"severity": f.severity.value, "code": f.code, "feature": f.feature, "bit": f.bit, "source": f.source,
-            "dest": f.dest, "negotiated": f.negotiated, "why": f.why}
+            "dest": f.dest, "negotiated": negotiated, "why": f.why}
 
 
 def _side(report: VmReport | HostCapabilities | None) -> dict[str, Any] | None:
@@ -38,9 +51,9 @@ def verdict_json(v: Verdict) -> dict[str, Any]:
         "mode": v.mode.value,
         "source": _side(v.source),
         "dest": _side(v.dest),
-        "findings": [_finding(f) for f in v.findings if not f.device],
+        "findings": [_finding(f, v) for f in v.findings if not f.device],
         "devices": [{"id": key, "derived": _derived(v, key),
-                     "findings": [_finding(f) for f in v.device_findings(key)]} for key in keys],
+                     "findings": [_finding(f, v) for f in v.device_findings(key)]} for key in keys],
         "adjustments": v.adjustments,
         "recommendations": v.recommendations,
     }

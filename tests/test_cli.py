@@ -11,17 +11,27 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import CHILD_PIDS, CI, Serve, ci_enabled, qemu_modules
 from fakeqmp import HANG
-from test_precheck_fake import tunnel_props, with_tunnel_bits
+from test_decide import NEGOTIATED, OFFERED, USO, nic, vm
+from test_precheck_fake import status_reply, tunnel_props, with_tunnel_bits
 
 from qemu_offload_handshake.argv import apply_adjustments
+from qemu_offload_handshake.decide import decide
 from qemu_offload_handshake.errors import UsageError
 from qemu_offload_handshake.lab import clean, owned_leftovers, prerequisites
+from qemu_offload_handshake.model import NicReport
+from qemu_offload_handshake.render import verdict_json
+
+TUNNEL_OFF = {"guest_tunnel": "off", "guest_tunnel_csum": "off", "host_tunnel": "off", "host_tunnel_csum": "off"}
+TUNNEL_ROW = ("GUEST_UDP_TUNNEL_GSO (65), GUEST_UDP_TUNNEL_GSO_CSUM (66), HOST_UDP_TUNNEL_GSO (67), "
+              "HOST_UDP_TUNNEL_GSO_CSUM (68)")
 
 
 async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -54,21 +64,32 @@ async def test_precheck_exit_codes_and_json(serve: Serve) -> None:
     code, out, _ = await cli("precheck", "--source", plain, "--dest", newer, "--json")
     assert code == 3
     data = json.loads(out)
-    assert data["adjustments"]["net1"] == {"guest_tunnel": "off", "guest_tunnel_csum": "off", "host_tunnel": "off",
-                                           "host_tunnel_csum": "off"}
+    assert data["verdict"] == "adjustable"
+    assert data["adjustments"] == {key: TUNNEL_OFF for key in ("net0", "net1", "net2", "net3")}
+    assert data["findings"] == []
     finding = next(f for f in data["devices"][0]["findings"] if f["bit"] == 65)
     assert finding == {"severity": "adjust", "code": "offer-extra", "feature": "VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO",
                        "bit": 65, "source": "not offered", "dest": "offered", "negotiated": False,
-                       "why": finding["why"]}
+                       "why": "only the destination offers it; turn it off there to keep the guest ABI identical."}
+    assert [(f["code"], f["bit"]) for d in data["devices"] for f in d["findings"]] == [
+        ("offer-extra", bit) for _ in range(4) for bit in (65, 66, 67, 68)]
     code, out, _ = await cli("precheck", "--source", newer, "--dest", plain)
     assert code == 1
-    assert "verdict: BLOCKED" in out
+    assert out.splitlines()[0] == "verdict: BLOCKED  (strict mode)"
+    rows = [re.split(r" {2,}", line.strip()) for line in out.splitlines() if line.startswith("  blocker ")]
+    assert rows == [["blocker", key, "offered", "not offered", TUNNEL_ROW] for key in ("net0", "net1", "net2", "net3")]
+    assert "why: the destination does not offer it (its backend has no UDP tunnel offload)" in out
     code, out, _ = await cli("precheck", "--source", newer, "--dest", plain, "--lenient", "--json")
     assert code == 0
-    assert json.loads(out)["recommendations"] == {}
+    data = json.loads(out)
+    assert (data["verdict"], data["adjustments"], data["recommendations"]) == ("compatible", {}, {})
+    assert {(f["severity"], f["code"]) for d in data["devices"] for f in d["findings"]} == {
+        ("warning", "offer-missing")}
     code, out, _ = await cli("precheck", "--source", plain, "--dest", "unix:/nonexistent.sock", "--timeout", "1")
     assert code == 4
-    assert "could not be probed" in out
+    assert out.splitlines()[0] == "verdict: UNKNOWN  (strict mode)"
+    assert "why: the destination could not be probed: unix:/nonexistent.sock: cannot connect: [Errno 2] No such file " \
+           "or directory" in out
 
 
 async def test_usage_errors_exit_2_with_a_clear_message(serve: Serve, tmp_path: Path) -> None:
@@ -78,6 +99,7 @@ async def test_usage_errors_exit_2_with_a_clear_message(serve: Serve, tmp_path: 
     assert "tcp:HOST:PORT" in err
     code, _, err = await cli("precheck", "--dest", plain)
     assert code == 2
+    assert "the following arguments are required: --source" in err
     policy = tmp_path / "policy.toml"
     policy.write_text('[properties]\nhost_uzo = "off"\n')
     code, _, err = await cli("precheck", "--source", plain, "--dest", plain, "--policy", str(policy))
@@ -106,7 +128,9 @@ async def test_probe_files_decode_and_offline_check(serve: Serve, tmp_path: Path
     assert int(decoded["nics"][0]["offered"], 16) >> 65 & 0xF == 0xF  # bits above 64 survive the file
     code, out, _ = await cli("check", str(src), str(dst), "--key-file", str(key), "--json")
     assert code == 3
-    assert json.loads(out)["verdict"] == "adjustable"
+    data = json.loads(out)
+    assert data["verdict"] == "adjustable"
+    assert data["adjustments"] == {key: TUNNEL_OFF for key in ("net0", "net1", "net2", "net3")}
     other = tmp_path / "other"
     other.write_text("not the key")
     code, _, err = await cli("check", str(src), str(dst), "--key-file", str(other))
@@ -151,6 +175,57 @@ async def test_demo_shows_the_three_cases_and_real_migrations_agree() -> None:
     assert migrations[:2] == ["real migration: completed"] * 2
     assert migrations[2].startswith("real migration: failed (destination: Features 0x")
     assert migrations[2].endswith("source is running")
+
+
+def driver(statuses: list[str], *, negotiated: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """x-query-virtio-status of the booted transcript with another driver status (and, without ``negotiated``, no
+    guest features)."""
+    def status(args: dict[str, Any]) -> dict[str, Any]:
+        reply = status_reply(args["path"])
+        reply["return"]["status"] = {"statuses": statuses}
+        if not negotiated:
+            reply["return"]["guest-features"] = {"dev-features": [], "transports": []}
+        return reply
+    return status
+
+
+ACK_DRIVER = ["VIRTIO_CONFIG_S_ACKNOWLEDGE: Valid virtio device found",
+              "VIRTIO_CONFIG_S_DRIVER: Guest OS compatible with device"]
+
+
+@pytest.mark.parametrize(("statuses", "negotiated", "expected"), [
+    ([*ACK_DRIVER, "VIRTIO_CONFIG_S_FEATURES_OK: Feature negotiation complete",
+      "VIRTIO_CONFIG_S_DRIVER_OK: Driver setup and ready"], True, False),  # booted: the guest did not take them
+    ([], False, None),  # no driver yet (a VM paused before its guest ran)
+    (ACK_DRIVER, True, None),  # a driver that wrote its features but has not set FEATURES_OK: not negotiated yet
+], ids=["booted", "no-driver", "no-features-ok"])
+async def test_json_negotiated_is_null_until_a_driver_has_negotiated(
+        serve: Serve, statuses: list[str], negotiated: bool, expected: bool | None) -> None:
+    source = await serve(overrides={"x-query-virtio-status": driver(statuses, negotiated=negotiated)})
+    newer = await serve(overrides={"x-query-virtio-status": with_tunnel_bits, "qom-list": tunnel_props})
+    code, out, _ = await cli("precheck", "--source", source, "--dest", newer, "--json")
+    assert code == 3
+    data = json.loads(out)
+    assert [(f["code"], f["bit"], f["negotiated"]) for d in data["devices"] for f in d["findings"]] == [
+        ("offer-extra", bit, expected) for _ in range(4) for bit in (65, 66, 67, 68)]
+
+
+def test_json_negotiated_is_null_when_the_negotiated_features_are_unknown_or_derived() -> None:
+    def negotiated(src: NicReport, dst: NicReport) -> list[tuple[str, int | None, bool | None]]:
+        data = verdict_json(decide(vm(src), vm(dst)))
+        return [(f["code"], f["bit"], f["negotiated"]) for d in data["devices"] for f in d["findings"]
+                if f["bit"] is not None]
+    uso = [54, 55, 56]
+    no_uso = nic(OFFERED & ~USO)
+    assert negotiated(nic(status=15), no_uso) == [("negotiated-missing", b, True) for b in uso]
+    assert negotiated(nic(), no_uso) == [("offer-missing", b, None) for b in uso]  # no driver
+    assert negotiated(nic(negotiated=NEGOTIATED, status=3), no_uso) == [("negotiated-missing", b, None) for b in uso]
+    unread = replace(nic(status=15), negotiated=None)
+    assert negotiated(unread, no_uso) == [("offer-missing", b, None) for b in uso]
+    derived = replace(nic(status=15), derived=("negotiated", "offered"))
+    assert negotiated(derived, no_uso) == [("negotiated-missing", b, None) for b in uso]
+    booted_no_uso = nic(OFFERED & ~USO, NEGOTIATED & ~USO, status=15)
+    assert negotiated(booted_no_uso, nic()) == [("offer-extra", b, False) for b in uso]
 
 
 async def test_a_command_that_overruns_is_killed_and_waited_for(serve: Serve) -> None:
