@@ -24,6 +24,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from .devstate import Effect, compare_state
 from .features import (
     BY_BIT,
     BY_PROPERTY,
@@ -40,8 +41,8 @@ from .features import (
 from .model import NicReport, Tri, VmReport
 from .policy import Policy
 
-__all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "different_vms", "report_warnings",
-           "with_warnings"]
+__all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "different_vms", "has_negotiated",
+           "report_warnings", "with_warnings"]
 
 
 class Outcome(enum.Enum):
@@ -120,6 +121,15 @@ _DEPENDS: tuple[tuple[int, str], ...] = (
 )
 
 
+def _lacks(bit: int, nic: NicReport) -> str:
+    """Why ``nic`` does not offer ``bit``: a QEMU without the property (too old for the feature) before any
+    backend guess."""
+    feature = BY_BIT.get(bit)
+    if feature is not None and feature.prop and nic.properties and nic.prop(feature.prop) is Tri.UNSET:
+        return "this QEMU has no property for it: it predates the feature"
+    return _cause(bit)
+
+
 def _cause(bit: int, *, known: bool = True) -> str:
     for mask, why in _CAUSES if known else _DEPENDS:
         if mask >> bit & 1:
@@ -178,13 +188,22 @@ class _Collector:
 
 def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why: str, bit: int,
                  src: NicReport, dst: NicReport) -> None:
-    negotiated = None if src.negotiated is None else bool(src.negotiated >> bit & 1)
+    negotiated = bool((src.negotiated or 0) >> bit & 1) if has_negotiated(src) else None
     feature = BY_BIT.get(bit)
-    if "negotiated" in src.derived:
-        negotiated = None
     c.add(device, severity, code, why, feature=feature.name if feature else None, bit=bit,
           source=_state(src.offered, bit, src.offered_unknown), dest=_state(dst.offered, bit, dst.offered_unknown),
           negotiated=negotiated)
+
+
+_FEATURES_OK = 8  # virtio status bit (virtio_status.STATUS_BITS)
+
+
+def has_negotiated(nic: NicReport) -> bool:
+    """Whether the driver has negotiated features that were read: a non-zero negotiated bitmap, not derived, and
+    FEATURES_OK set where the status is known. Otherwise a finding's ``negotiated`` is None (JSON ``null``)."""
+    if not nic.negotiated or {"negotiated", "driver_status"} & set(nic.derived):
+        return False
+    return nic.driver_status is None or bool(nic.driver_status & _FEATURES_OK)
 
 
 def _silent_turn_offs(c: _Collector, key: str, side: str, nic: NicReport) -> None:
@@ -220,7 +239,7 @@ def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> Non
                              "guest uses it and the destination lacks it, QEMU will refuse the load.", bit, src, dst)
                 continue
             _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
-                         f"{uses} and the destination does not offer it ({_cause(bit)}): QEMU will "
+                         f"{uses} and the destination does not offer it ({_lacks(bit, dst)}): QEMU will "
                          "refuse the load with 'Features 0x... unsupported'.",
                          bit, src, dst)
     for check, text, error in ((vnet_hdr, "a virtio-net header (vnet_hdr)", "saved image requires vnet_hdr=on"),
@@ -264,7 +283,7 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
             continue  # already a blocker from the load checks
         severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING
         _bit_finding(c, key, severity, "offer-missing",
-                     f"the destination does not offer it ({_cause(bit)}): the guest would lose it at its next "
+                     f"the destination does not offer it ({_lacks(bit, dst)}): the guest would lose it at its next "
                      "device reset (ABI change).", bit, src, dst)
     extra = dst.offered & ~src.offered & ~undetermined
     for bit in bits_of(extra):
@@ -416,12 +435,38 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
             _silent_turn_offs(c, src.key, side, nic)
         _load_checks(c, src.key, src, dst)
         _compare(c, src.key, src, dst, mode, policy)
+        _state_checks(c, src.key, src, dst, mode)
     if not source.nics and not dest.nics:
         c.add("", Severity.INFO, "no-nics", "neither side has a virtio-net device.")
     return _verdict(c, mode, source, dest, tuple((s.key if s else None, d.key if d else None) for s, d in pairs))
 
 
 _ANON = "/machine/peripheral-anon/"
+
+
+def _state_checks(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode) -> None:
+    """Device state beyond the feature bits (``devstate.STATE_RULES``)."""
+    empty = [side for side, nic in (("source", src), ("destination", dst)) if not nic.state]
+    if empty:
+        c.add(key, Severity.UNKNOWN, "state-unknown",
+              f"the device state beyond features (MSI-X vectors, queues, option ROM, ring sizes, MTU, MAC) of the "
+              f"{' and '.join(empty)} could not be read; a difference there can fail the load.")
+        return
+    express = (src.dev_path or "").count(":") > 2 or (dst.dev_path or "").count(":") > 2  # behind a port
+    for rule, a, b in compare_state(dict(src.state), dict(dst.state), express=express):
+        if a is None or b is None:
+            c.add(key, Severity.UNKNOWN, "state-unknown",
+                  f"{rule.what} could not be read on the {'source' if a is None else 'destination'}.",
+                  source=a, dest=b)
+        elif rule.effect is Effect.LOAD:
+            c.add(key, Severity.BLOCKER, "state-differs",
+                  f"{rule.what} differs ({rule.name}: {a} vs {b}): QEMU will refuse to load the device state.",
+                  source=a, dest=b)
+        else:
+            c.add(key, Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING, "config-differs",
+                  f"{rule.what} differs ({rule.name}: {a} vs {b}): the load works, but the guest sees the "
+                  "destination's value "
+                  "(at once, or after its next device reset): an ABI change.", source=a, dest=b)
 
 
 def _pair(c: _Collector, sources: tuple[NicReport, ...],

@@ -436,7 +436,7 @@ class Lab:
 
     def __init__(self, *, boot_timeout: float = 120.0) -> None:
         self.boot_timeout = boot_timeout
-        self.dir = Path(tempfile.mkdtemp(prefix="qoh-lab-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{NAME_PREFIX}{os.getpid()}-"))  # names its owner (stale check)
         self.vms: list[Vm] = []
         self._taps: list[str] = []
         self._count = 0

@@ -114,10 +114,19 @@ class NicReport:
     # Where QEMU files the device's migrated state (qdev_get_dev_path, e.g. "0000:00:04.0", behind a PCIe root
     # port "0000:00:10.0:00.0"): QEMU pairs source and destination devices by it, not by their ids.
     dev_path: str | None = None
+    # Device state beyond the feature bits (devstate.STATE_RULES: MSI-X vectors, queues, ROM, ring sizes, MTU,
+    # MAC, ...) as (name, value text), sorted by name; empty when it could not be read.
+    state: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         _check_str("qdev_id", self.qdev_id)
         _check_str("dev_path", self.dev_path, optional=True)
+        _check_items("state", self.state)
+        if [k for k, _ in self.state] != sorted({k for k, _ in self.state}):
+            raise ValueError("state must be sorted by name without duplicates")
+        for name, value in self.state:
+            _check_str("state name", name)
+            _check_str(f"state {name}", value)
         _check_str("qom_path", self.qom_path)
         if not self.qdev_id and not self.qom_path:
             raise ValueError("a NIC needs a qdev id or a QOM path")
@@ -238,8 +247,8 @@ class VmReport(_Side):
 def _check_version(version: tuple[int, int, int] | None) -> None:
     if version is None:
         return
-    if not (isinstance(version, tuple) and len(version) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 16 for v in version)):
+    if not (type(version) is tuple and len(version) == 3 and type(version[0]) is int and type(version[1]) is int
+            and type(version[2]) is int and min(version) >= 0 and max(version) < 1 << 16):
         raise ValueError(f"qemu_version must be (major, minor, micro) of small ints: {version!r}")
 
 
@@ -255,7 +264,8 @@ class HostCapabilities(_Side):
             raise ValueError("offers must be sorted by backend kind without duplicates")
         for kind, bitmap in self.offers:
             _check_str("backend kind", kind)
-            _check_bitmap(f"offers[{kind}]", bitmap)
+            if type(bitmap) is not int or bitmap < 0 or bitmap.bit_length() > MAX_BITMAP_BITS:
+                _check_bitmap(f"offers[{kind}]", bitmap)  # names the problem (the name is built only then)
 
     def offer(self, backend: str) -> int | None:
         return dict(self.offers).get(backend)

@@ -31,6 +31,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from .derive import Backend, backend_of, derive_offered
+from .devstate import BACKEND_STATE, PROXY_STATE, normalize
 from .errors import CommandError, ReplyError
 from .features import BY_PROPERTY, SILENTLY_CLEARED
 from .hostfacts import QemuFds, kernel_tap_offloads, qemu_fds, tap_vnet_hdr
@@ -64,10 +65,11 @@ def split_virtio_path(virtio_path: str) -> tuple[str, str]:
     return (rest if rest and "/" not in rest else ""), device
 
 
-def parse_info_network(text: object) -> dict[str, tuple[str, dict[str, str]]]:
-    """Netdev id -> (type, its other ``key=value`` fields) from HMP ``info network`` (net/net.c,
-    ``print_net_client``: ``NAME: index=N,type=TYPE,INFO`` per client, peers indented under their NIC)."""
-    netdevs: dict[str, tuple[str, dict[str, str]]] = {}
+def parse_info_network(text: object) -> dict[str, tuple[str, dict[str, str], int]]:
+    """Netdev id -> (type, its other ``key=value`` fields, queue pairs) from HMP ``info network`` (net/net.c,
+    ``print_net_client``: ``NAME: index=N,type=TYPE,INFO`` per client and queue, peers indented under their NIC;
+    a netdev with ``queues=2`` is listed twice, ``index=0`` and ``index=1``, seen on QEMU 10.0)."""
+    netdevs: dict[str, tuple[str, dict[str, str], int]] = {}
     if not isinstance(text, str):
         return netdevs
     for line in text.splitlines():
@@ -76,8 +78,13 @@ def parse_info_network(text: object) -> dict[str, tuple[str, dict[str, str]]]:
             continue
         fields = dict(part.split("=", 1) for part in rest.split(",") if "=" in part)
         kind = fields.pop("type", None)
-        if kind is not None and kind != "nic" and name not in netdevs:
-            netdevs[name] = (kind, fields)
+        if kind is None or kind == "nic":
+            continue
+        if name in netdevs:
+            first = netdevs[name]
+            netdevs[name] = (first[0], first[1], first[2] + 1)
+        else:
+            netdevs[name] = (kind, fields, 1)
     return netdevs
 
 
@@ -214,7 +221,8 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     else:
         rounds.append(_try(qmp.execute("qom-list", {"path": paths[0]}), notes, "qom-list") if paths else _none())
         rounds += [_try(qmp.execute("qom-get", {"path": p, "property": "netdev"}), [], "netdev") for p in paths]
-        rounds += [_read_props(qmp, d, ["addr", "parent_bus"], []) for d in devs]  # for the device path
+        rounds += [_read_props(qmp, d, ["addr", "parent_bus", *PROXY_STATE], []) for d in devs]  # path, state
+        rounds += [_read_props(qmp, p, list(BACKEND_STATE), []) for p in paths]
     answers = await asyncio.gather(*rounds)
     statuses, listing = answers[:len(paths)], answers[len(paths)]
     values: list[dict[str, object]] = [{} for _ in paths]
@@ -230,19 +238,22 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
     elif not batch:
         types = {str(p.get("name")): str(p.get("type")) for p in listing if isinstance(p, dict)} \
             if isinstance(listing, list) else {}
-        for value, netdev in zip(values, answers[len(paths) + 1:2 * len(paths) + 1], strict=True):
+        for value, netdev, more in zip(values, answers[len(paths) + 1:2 * len(paths) + 1],
+                                       answers[3 * len(paths) + 1:], strict=True):
+            value.update(more)
             if netdev is not None:
                 value["netdev"] = netdev
-        proxies = list(answers[2 * len(paths) + 1:])
+        proxies = list(answers[2 * len(paths) + 1:3 * len(paths) + 1])
     if paths and not types:
         notes.append("the virtio-net properties could not be listed")
     local = _Host(qmp.peer_pid)
     nics_fields: list[dict[str, Any]] = []
     for status, value, dev, n in zip(statuses, values, devs, nic_notes, strict=True):
         netdev = value.get("netdev")
-        kind, info = netdevs.get(netdev, (None, {})) if isinstance(netdev, str) else (None, {})
+        kind, info, queues = netdevs.get(netdev, (None, {}, None)) if isinstance(netdev, str) else (None, {}, None)
         backend = local.backend(kind, info)
-        fields: dict[str, Any] = {"netdev_id": netdev if isinstance(netdev, str) else None, "backend": kind}
+        fields: dict[str, Any] = {"netdev_id": netdev if isinstance(netdev, str) else None, "backend": kind,
+                                  "_queues": queues}
         if status_safe:
             fields |= _status_fields(status, dev, n)
         if backend.vnet_hdr is not None:
@@ -267,6 +278,9 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
                                                                        nics_fields, nic_notes, paths_by_dev,
                                                                        strict=True):
             f["dev_path"] = dev_path
+            state = normalize({k: proxy[k] for k in PROXY_STATE if k in proxy},
+                              {k: value[k] for k in BACKEND_STATE if k in value}, f.pop("_queues"))
+            f["state"] = tuple(sorted(state.items()))
             props = implied | _tris(got or {}, n)
             value = value | (got or {})
             backend = f.pop("_backend")

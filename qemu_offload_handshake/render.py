@@ -6,28 +6,15 @@ from typing import Any
 
 from .decide import Finding, Verdict
 from .model import CapabilitySet, HostCapabilities, NicReport, VmReport
-from .virtio_status import STATUS_BITS
 
 __all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
 
 EXIT_CODES = {"compatible": 0, "blocked": 1, "adjustable": 3, "unknown": 4}
-FEATURES_OK = STATUS_BITS["VIRTIO_CONFIG_S_FEATURES_OK"]
 
 
-def has_negotiated(nic: NicReport | None) -> bool:
-    """Whether the source's driver has negotiated features that were read: FEATURES_OK set (where the status is
-    known) and a non-zero negotiated bitmap, read rather than derived."""
-    if nic is None or not nic.negotiated or {"negotiated", "driver_status"} & set(nic.derived):
-        return False
-    return nic.driver_status is None or bool(nic.driver_status & FEATURES_OK)
-
-
-def _finding(f: Finding, v: Verdict) -> dict[str, Any]:
-    # README: ``negotiated`` is null when no driver has negotiated (or what it negotiated is not known).
-    source = v.source.nic(f.device) if v.source is not None and f.device else None
-    negotiated = f.negotiated if has_negotiated(source) else None
+def _finding(f: Finding) -> dict[str, Any]:
     return {"severity": f.severity.value, "code": f.code, "feature": f.feature, "bit": f.bit, "source": f.source,
-            "dest": f.dest, "negotiated": negotiated, "why": f.why}
+            "dest": f.dest, "negotiated": f.negotiated, "why": f.why}
 
 
 def _side(report: VmReport | HostCapabilities | None) -> dict[str, Any] | None:
@@ -41,31 +28,33 @@ def _side(report: VmReport | HostCapabilities | None) -> dict[str, Any] | None:
 
 
 def verdict_json(v: Verdict) -> dict[str, Any]:
-    keys: list[str] = []
-    for report in (v.source, v.dest):
-        for nic in report.nics if report else ():
-            if nic.key not in keys:
-                keys.append(nic.key)
+    pairs = list(v.pairs)
+    if not pairs:  # a verdict without a device comparison (a side not probed): list what was seen
+        pairs = [(n.key, None) for n in v.source.nics] if v.source else []
+        pairs += [(None, n.key) for n in v.dest.nics] if v.dest else []
     return {
         "verdict": v.verdict,
         "mode": v.mode.value,
         "source": _side(v.source),
         "dest": _side(v.dest),
-        "findings": [_finding(f, v) for f in v.findings if not f.device],
-        "devices": [{"id": key, "derived": _derived(v, key),
-                     "findings": [_finding(f, v) for f in v.device_findings(key)]} for key in keys],
+        "findings": [_finding(f) for f in v.findings if not f.device],
+        "devices": [_device(v, src, dst) for src, dst in pairs],
         "adjustments": v.adjustments,
         "recommendations": v.recommendations,
     }
 
 
-def _derived(v: Verdict, key: str) -> dict[str, list[str]]:
-    """Per side, the facts of this device that were derived rather than read (empty lists: all read)."""
-    out = {}
-    for name, report in (("source", v.source), ("dest", v.dest)):
-        nic = report.nic(key) if report else None
-        out[name] = list(nic.derived) if nic else []
-    return out
+def _device(v: Verdict, src: str | None, dst: str | None) -> dict[str, Any]:
+    """One device as QEMU pairs it: ``id`` (the source's, or the destination's for a device only it has),
+    ``dest_id`` (the destination's id for it), ``path`` (where QEMU files its state), its findings, and per side the
+    facts that were derived rather than read (empty lists: all read)."""
+    key = src if src is not None else dst
+    assert key is not None
+    nics = (v.source.nic(src) if v.source and src else None, v.dest.nic(dst) if v.dest and dst else None)
+    return {"id": key, "dest_id": dst, "path": next((n.dev_path for n in nics if n and n.dev_path), None),
+            "derived": {"source": list(nics[0].derived) if nics[0] else [],
+                        "dest": list(nics[1].derived) if nics[1] else []},
+            "findings": [_finding(f) for f in v.device_findings(key)]}
 
 
 def _nic_json(n: NicReport) -> dict[str, Any]:

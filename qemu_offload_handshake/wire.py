@@ -69,13 +69,31 @@ _Count = wl.VarInt(MAX_ITEMS)
 _Length = wl.VarInt(MAX_RECORD_BYTES)
 _Str = wl.Text(MAX_STRING_BYTES)
 _Bits = wl.Bitmap(MAX_BITMAP_BYTES)
+
+
+class _Pairs(wl.Leaf):
+    """Count, then per pair two texts (name, value); names sorted and distinct (NicReport.state)."""
+
+    def read(self, stream: Any) -> tuple[tuple[str, str], ...]:
+        pairs = tuple((_Str.read(stream), _Str.read(stream)) for _ in range(_Count.read(stream)))
+        if [k for k, _ in pairs] != sorted({k for k, _ in pairs}):
+            raise cs.ValidationError("names are not sorted and distinct")
+        return pairs
+
+    def write(self, obj: tuple[tuple[str, str], ...], stream: Any) -> tuple[tuple[str, str], ...]:
+        _Count.write(len(obj), stream)
+        for name, value in obj:
+            _Str.write(name, stream)
+            _Str.write(value, stream)
+        return obj
 _U8 = wl.Uint(1)
 _MADE_AT_LIMIT = (1 << 40) - 1
-NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED, NIC_EXT_DEV_PATH = 1, 2, 3  # extension tags (format 1.1)
+NIC_EXT_OFFERED_UNKNOWN, NIC_EXT_DERIVED, NIC_EXT_DEV_PATH, NIC_EXT_STATE = 1, 2, 3, 4  # extension tags (1.1)
 VM_EXT_NAME, VM_EXT_UUID, VM_EXT_MADE_AT, VM_EXT_SIDE = 1, 2, 3, 4
 _NicExt = wl.Extensions(_Count, _Length, {NIC_EXT_OFFERED_UNKNOWN: ("offered_unknown", _Bits, 0),
                                           NIC_EXT_DERIVED: ("derived", wl.BitSet(DERIVABLE), ()),
-                                          NIC_EXT_DEV_PATH: ("dev_path", _Str, None)})
+                                          NIC_EXT_DEV_PATH: ("dev_path", _Str, None),
+                                          NIC_EXT_STATE: ("state", _Pairs(), ())})
 _VmExt = wl.Extensions(_Count, _Length, {
     VM_EXT_NAME: ("vm_name", _Str, None), VM_EXT_UUID: ("vm_uuid", _Str, None),
     VM_EXT_MADE_AT: ("made_at", wl.VarInt(_MADE_AT_LIMIT), None), VM_EXT_SIDE: ("side", wl.Choice(SIDES), None)})
@@ -123,7 +141,8 @@ def _nic(this: dict[str, Any], parent: Any) -> tuple[str, NicReport]:
     nic = NicReport(
         this["qdev_id"], this["qom_path"], this["netdev_id"], this["backend"], tuple(sorted(props.items())),
         this["offered"], this["negotiated"], this["driver_status"], this["backend_features"],
-        None if vnet is None else bool(vnet), tuple(this["unreadable"]), unknown, derived, ext.get("dev_path"))
+        None if vnet is None else bool(vnet), tuple(this["unreadable"]), unknown, derived, ext.get("dev_path"),
+        ext.get("state", ()))
     return nic.key, nic
 
 
@@ -289,7 +308,8 @@ def _nic_obj(nic: NicReport) -> dict[str, Any]:
             hi |= (tri >> 1) << feature.bit
     return obj | {"present": present, "qdev_id": nic.qdev_id, "qom_path": nic.qom_path, "tri_lo": lo,
                   "tri_hi": hi, "other_props": other, "unreadable": nic.unreadable,
-                  "ext": {"offered_unknown": nic.offered_unknown, "derived": nic.derived, "dev_path": nic.dev_path}}
+                  "ext": {"offered_unknown": nic.offered_unknown, "derived": nic.derived, "dev_path": nic.dev_path,
+                          "state": nic.state}}
 
 
 class _Table:

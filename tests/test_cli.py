@@ -78,7 +78,7 @@ async def test_precheck_exit_codes_and_json(serve: Serve) -> None:
     assert out.splitlines()[0] == "verdict: BLOCKED  (strict mode)"
     rows = [re.split(r" {2,}", line.strip()) for line in out.splitlines() if line.startswith("  blocker ")]
     assert rows == [["blocker", key, "offered", "not offered", TUNNEL_ROW] for key in ("net0", "net1", "net2", "net3")]
-    assert "why: the destination does not offer it (its backend has no UDP tunnel offload)" in out
+    assert "why: the destination does not offer it (this QEMU has no property for it: it predates the feature)" in out
     code, out, _ = await cli("precheck", "--source", newer, "--dest", plain, "--lenient", "--json")
     assert code == 0
     data = json.loads(out)

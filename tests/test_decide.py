@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,9 @@ USER_OFFERED = parse_feature_block(json.loads((DATA / "virtio-status-qemu10-q35-
     "x-query-virtio-status"]["host-features"]).bitmap  # QEMU 10.0 with -netdev user, read from the real QEMU
 
 
+STATE = (("queues", "1"), ("vectors", "4"))  # equal device state on both sides (devstate.py)
+
+
 def dev_path(key: str) -> str:
     """A PCI device path per id (QEMU pairs devices by it): the same id sits in the same slot on both sides."""
     return f"0000:00:{2 + int(key.removeprefix('net')):02x}.0"
@@ -36,7 +40,7 @@ def nic(offered: int = OFFERED, negotiated: int | None = None, status: int = 0, 
     declared = {p: Tri.ON for p, f in BY_PROPERTY.items() if offered >> f.bit & 1} | props
     return NicReport.make(key, f"/machine/peripheral/{key}", properties=declared, offered=offered,
                           negotiated=negotiated if negotiated is not None else (NEGOTIATED if status else 0),
-                          driver_status=status, dev_path=dev_path(key))
+                          driver_status=status, dev_path=dev_path(key), state=STATE)
 
 
 def vm(*nics: NicReport, machine: str = "pc-q35-10.0") -> VmReport:
@@ -125,7 +129,7 @@ def unknowns(verdict: Verdict) -> list[tuple[str, str]]:
 
 
 def test_missing_facts_are_never_compatible() -> None:
-    unread = NicReport.make("net0", "/p", offered=None, driver_status=0, dev_path=dev_path("net0"))
+    unread = NicReport.make("net0", "/p", offered=None, driver_status=0, dev_path=dev_path("net0"), state=STATE)
     assert unknowns(decide(vm(nic()), vm(unread))) == [
         ("net0", "backend-vnet_hdr-unknown"), ("net0", "backend-has_ufo-unknown"), ("net0", "offered-unknown")]
     down = decide(vm(nic()), None, problems=["dest down"])
@@ -232,12 +236,13 @@ def report(made: Made, status: int, negotiated_mask: int) -> NicReport:
     declared = {p: Tri.ON for p in DEFAULT_ON} | {p: Tri.OFF for p in made.props_off}
     if not made.readable:
         return NicReport.make(made.key, f"/machine/peripheral/{made.key}", properties=declared,
-                              unreadable=["x-query-virtio-status: GenericError: gone"], dev_path=dev_path(made.key))
+                              unreadable=["x-query-virtio-status: GenericError: gone"], dev_path=dev_path(made.key),
+                              state=STATE)
     negotiated = made.offered & negotiated_mask if status else 0
     return NicReport.make(made.key, f"/machine/peripheral/{made.key}", properties=declared, offered=made.offered,
                           negotiated=negotiated if made.negotiated_readable else None, driver_status=status,
                           vnet_hdr=HAS_HEADER[made.backend] if made.header_reported else None,
-                          dev_path=dev_path(made.key))
+                          dev_path=dev_path(made.key), state=STATE)
 
 
 @dataclass(frozen=True)
@@ -358,3 +363,21 @@ def test_the_sans_io_core_imports_neither_asyncio_nor_qemu_qmp() -> None:
             "print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith('qemu.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_device_state_beyond_features() -> None:
+    base = nic(status=15)
+
+    def with_state(**values: str) -> NicReport:
+        return dataclasses.replace(base, state=tuple(sorted((dict(STATE) | values).items())))
+    assert decide(vm(base), vm(dataclasses.replace(base, state=()))).outcome is Outcome.UNKNOWN
+    vectors = decide(vm(base), vm(with_state(vectors="6")))
+    assert vectors.outcome is Outcome.BLOCKED
+    assert [(f.code, f.source, f.dest) for f in vectors.findings] == [("state-differs", "4", "6")]
+    assert decide(vm(with_state(ats="off")), vm(with_state(ats="on"))).outcome is Outcome.COMPATIBLE  # root bus
+    behind = dataclasses.replace(with_state(ats="off"), dev_path="0000:00:10.0:00.0")
+    assert decide(vm(behind), vm(dataclasses.replace(behind, state=with_state(ats="on").state))).outcome \
+        is Outcome.BLOCKED
+    for mode, outcome in ((Mode.STRICT, Outcome.BLOCKED), (Mode.LENIENT, Outcome.COMPATIBLE)):
+        ring = decide(vm(with_state(rx_queue_size="256")), vm(with_state(rx_queue_size="1024")), mode=mode)
+        assert (ring.outcome, [f.code for f in ring.findings]) == (outcome, ["config-differs"])

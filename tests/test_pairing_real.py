@@ -25,9 +25,11 @@ async def test_swapped_slots_are_compared_slot_by_slot_and_the_real_migration_ag
     dest = VmSpec(nics=(Nic.make("net0", addr="0x4", mrg_rxbuf=False), Nic.make("net1", addr="0x3"))).destination()
     src, dst = await qlab.start(spec), await qlab.start(dest)
     verdict = await precheck(src.address, dst.address, lenient=lenient)
-    # net1 (slot 4) loads into the destination's slot 4, which is net0 there, without MRG_RXBUF
+    # net1 (slot 4) loads into the destination's slot 4, which is net0 there, without MRG_RXBUF; the MACs follow
+    # the ids, so each slot's MAC changes too (strict: an ABI change of its own)
     assert verdict.verdict == "blocked", verdict.findings
-    assert found(verdict, Severity.BLOCKER) == {("net1", "negotiated-missing")}
+    macs = set() if lenient else {("net0", "config-differs"), ("net1", "config-differs")}
+    assert found(verdict, Severity.BLOCKER) == {("net1", "negotiated-missing")} | macs
     assert {f.bit for f in verdict.findings if f.code == "negotiated-missing"} == {15}
     assert found(verdict, Severity.WARNING) >= {("net0", "device-moved"), ("net1", "device-moved")}
     devices = {d["id"]: (d["dest_id"], d["path"]) for d in verdict_json(verdict)["devices"]}
@@ -38,13 +40,19 @@ async def test_swapped_slots_are_compared_slot_by_slot_and_the_real_migration_ag
     assert result.source_running
 
 
-async def test_swapped_slots_with_equal_features_are_compatible_and_migrate(qlab: Lab) -> None:
+async def test_swapped_slots_with_equal_features_load_but_change_the_mac(qlab: Lab) -> None:
     spec = VmSpec(mode="booted", nics=(Nic.make("net0", addr="0x3"), Nic.make("net1", addr="0x4")))
     dest = VmSpec(nics=(Nic.make("net0", addr="0x4"), Nic.make("net1", addr="0x3"))).destination()
     src, dst = await qlab.start(spec), await qlab.start(dest)
-    verdict = await precheck(src.address, dst.address)
-    assert verdict.verdict == "compatible", verdict.findings
-    assert found(verdict, Severity.WARNING) == {("net0", "device-moved"), ("net1", "device-moved")}
+    strict = await precheck(src.address, dst.address)
+    # each slot keeps the source's MAC until the guest resets the device, then takes the destination's
+    assert strict.verdict == "blocked"
+    assert found(strict, Severity.BLOCKER) == {("net0", "config-differs"), ("net1", "config-differs")}
+    assert all("(mac: 52:54:00:12:34:" in f.why for f in strict.findings if f.code == "config-differs")
+    lenient = await precheck(src.address, dst.address, lenient=True)
+    assert lenient.verdict == "compatible", lenient.findings
+    assert found(lenient, Severity.WARNING) == {("net0", "device-moved"), ("net1", "device-moved"),
+                                                ("net0", "config-differs"), ("net1", "config-differs")}
     assert (await qlab.migrate(src, dst)).status == "completed"
 
 

@@ -78,7 +78,6 @@ async def test_every_command_of_the_tool_leaves_qemu_111_running(qlab: Lab, tmp_
     async with ReadOnlyQMP(parse_address(vm.address)) as qmp:
         with pytest.raises(UnsafeCommandError, match=r"known to crash QEMU 11\.1\.3"):
             await qmp.execute("x-query-virtio-status", {"path": "/machine/peripheral/net0/virtio-backend"})
-        assert "x-query-virtio-status" not in qmp.sent
     await both_running(vm, other)
     sent = {m.group(1) for m in re.finditer(r'"execute": "([^"]+)"', trace.read_text())}
     assert "qom-list-get" in sent  # the tool's commands are in QEMU's own trace
