@@ -4,7 +4,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from .core.errors import (
     AuthenticationError,
     CommandError,
     CommandNotAllowedError,
@@ -18,12 +18,12 @@ from .errors import (
     UnsupportedVersionError,
     UsageError,
 )
-from .model import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
-from .wire import decode, encode
+from .core.model import CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
+from .core.wire import decode, encode
 
 if TYPE_CHECKING:
     from .api import precheck, probe
-    from .decide import Verdict
+    from .core.decide import Verdict
 
 
 def __getattr__(name: str) -> Any:
@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
         from .api import precheck
         return precheck
     if name == "Verdict":
-        from .decide import Verdict
+        from .core.decide import Verdict
         return Verdict
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import math
 
-from .decide import Mode, Verdict, decide
-from .errors import HandshakeError, UsageError
-from .model import VmReport
-from .policy import Policy
+from .core.decide import Mode, Verdict, decide
+from .core.errors import HandshakeError, UsageError
+from .core.model import VmReport
+from .core.policy import Policy
 from .probe import probe_vm
 from .qmp import ReadOnlyQMP, describe, parse_address
 

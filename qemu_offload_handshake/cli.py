@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .api import precheck, probe
-from .argv import apply_adjustments, check_adjustments
-from .decide import Mode, Verdict, decide, different_vms, report_warnings, with_warnings
-from .errors import HandshakeError, ProbeError, UsageError
-from .model import MAX_STRING_BYTES, VmReport
-from .policy import Policy, load_policy
+from .core.argv import apply_adjustments, check_adjustments
+from .core.decide import Mode, Verdict, decide, different_vms, report_warnings, with_warnings
+from .core.errors import HandshakeError, ProbeError, UsageError
+from .core.model import MAX_STRING_BYTES, VmReport
+from .core.policy import Policy, parse_policy
+from .core.wire import decode, encode
 from .render import EXIT_CODES, report_json, verdict_json, verdict_table
-from .wire import decode, encode
 
 __all__ = ["main"]
 
@@ -84,6 +84,17 @@ def _utf8(data: bytes, path: str, what: str) -> str:
     except UnicodeDecodeError as err:
         raise UsageError(f"{what} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
                          ) from None
+
+
+def load_policy(path: str) -> Policy:
+    """Read a TOML policy file (the core parses it: ``core.policy.parse_policy``)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"policy file {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"policy file {path}: not valid TOML: {err}") from err
+    return parse_policy(text, where=f"policy file {path}")
 
 
 def _policy(args: argparse.Namespace) -> Policy:
@@ -284,7 +295,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         from .demo import run_demo
-        return asyncio.run(run_demo())
+        from .lab import LabError
+        try:
+            return asyncio.run(run_demo())
+        except LabError as err:  # the lab is not the product: its failures are reported, not a verdict
+            print(f"error: the demo's lab failed: {err}", file=sys.stderr)
+            return EXIT_UNKNOWN
     raise UsageError(f"unknown command {args.command}")
 
 

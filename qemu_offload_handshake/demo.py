@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 from .api import precheck
-from .argv import apply_adjustments
+from .core.argv import apply_adjustments
 from .lab import Lab, Migration, Nic, Vm, VmSpec, prerequisites
 from .render import verdict_table
 

@@ -30,15 +30,15 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from .derive import Backend, backend_of, derive_offered
-from .devstate import BACKEND_STATE, PROXY_STATE, normalize
-from .errors import CommandError, ReplyError
-from .features import BY_PROPERTY, SILENTLY_CLEARED
+from .core.derive import Backend, backend_of, derive_offered
+from .core.devstate import BACKEND_STATE, PROXY_STATE, normalize
+from .core.errors import CommandError, ReplyError
+from .core.features import BY_PROPERTY, SILENTLY_CLEARED
+from .core.labels import parse_feature_block, parse_status
+from .core.model import NicReport, Tri, VmReport, parse_tri
+from .core.quirks import known_crash
 from .hostfacts import QemuFds, kernel_tap_offloads, qemu_fds, tap_vnet_hdr
-from .model import NicReport, Tri, VmReport, parse_tri
 from .qmp import ReadOnlyQMP
-from .quirks import known_crash
-from .virtio_status import parse_feature_block, parse_status
 
 __all__ = ["parse_info_network", "probe_vm", "split_virtio_path"]
 

@@ -23,8 +23,8 @@ from typing import Any, Self
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from . import quirks
-from .errors import (
+from .core import quirks
+from .core.errors import (
     CommandError,
     CommandNotAllowedError,
     ConnectError,
@@ -33,7 +33,7 @@ from .errors import (
     UnsafeCommandError,
     UsageError,
 )
-from .quirks import Version, known_crash
+from .core.quirks import Version, known_crash
 
 __all__ = ["HMP_READ_ONLY", "READ_ONLY_COMMANDS", "Address", "ReadOnlyQMP", "parse_address"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decide import Finding, Verdict
-from .model import CapabilitySet, HostCapabilities, NicReport, VmReport
+from .core.decide import Finding, Verdict
+from .core.model import CapabilitySet, HostCapabilities, NicReport, VmReport
 
 __all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
 

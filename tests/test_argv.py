@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from qemu_offload_handshake.argv import apply_adjustments, check_adjustments, split_options
-from qemu_offload_handshake.errors import UsageError
+from qemu_offload_handshake.core.argv import apply_adjustments, check_adjustments, split_options
+from qemu_offload_handshake.core.errors import UsageError
 
 USO_OFF = {"net0": {"host_uso": "off"}}
 

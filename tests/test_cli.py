@@ -22,11 +22,11 @@ from fakeqmp import HANG
 from test_decide import NEGOTIATED, OFFERED, USO, nic, vm
 from test_precheck_fake import status_reply, tunnel_props, with_tunnel_bits
 
-from qemu_offload_handshake.argv import apply_adjustments
-from qemu_offload_handshake.decide import decide
-from qemu_offload_handshake.errors import UsageError
+from qemu_offload_handshake.core.argv import apply_adjustments
+from qemu_offload_handshake.core.decide import decide
+from qemu_offload_handshake.core.errors import UsageError
+from qemu_offload_handshake.core.model import NicReport
 from qemu_offload_handshake.lab import clean, owned_leftovers, prerequisites
-from qemu_offload_handshake.model import NicReport
 from qemu_offload_handshake.render import verdict_json
 
 TUNNEL_OFF = {"guest_tunnel": "off", "guest_tunnel_csum": "off", "host_tunnel": "off", "host_tunnel_csum": "off"}

@@ -12,11 +12,11 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qemu_offload_handshake.decide import Mode, Outcome, Severity, Verdict, decide, has_ufo, vnet_hdr
-from qemu_offload_handshake.features import BY_PROPERTY, CATALOGUE, mask_of, missing_requirements
-from qemu_offload_handshake.model import NicReport, Tri, VmReport
-from qemu_offload_handshake.policy import Policy
-from qemu_offload_handshake.virtio_status import parse_feature_block
+from qemu_offload_handshake.core.decide import Mode, Outcome, Severity, Verdict, decide, has_ufo, vnet_hdr
+from qemu_offload_handshake.core.features import BY_PROPERTY, CATALOGUE, mask_of, missing_requirements
+from qemu_offload_handshake.core.labels import parse_feature_block
+from qemu_offload_handshake.core.model import NicReport, Tri, VmReport
+from qemu_offload_handshake.core.policy import Policy
 
 # QEMU 10.0 on tap, as read from the real QEMU (tests/data): offered, and what a Linux 6.12 guest negotiated.
 OFFERED = 0x1C0010179BFFFE7
@@ -357,9 +357,9 @@ def test_catalogue_properties_are_unique_and_dependencies_known() -> None:
 
 def test_the_sans_io_core_imports_neither_asyncio_nor_qemu_qmp() -> None:
     code = ("import sys\n"
-            "import qemu_offload_handshake, qemu_offload_handshake.decide, qemu_offload_handshake.wire\n"
-            "import qemu_offload_handshake.virtio_status, qemu_offload_handshake.policy\n"
-            "import qemu_offload_handshake.render, qemu_offload_handshake.argv\n"
+            "import qemu_offload_handshake, qemu_offload_handshake.core.decide, qemu_offload_handshake.core.wire\n"
+            "import qemu_offload_handshake.core.labels, qemu_offload_handshake.core.policy\n"
+            "import qemu_offload_handshake.render, qemu_offload_handshake.core.argv\n"
             "print(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith('qemu.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "[]"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.argv import apply_adjustments
-from qemu_offload_handshake.decide import Severity
+from qemu_offload_handshake.core.argv import apply_adjustments
+from qemu_offload_handshake.core.decide import Severity
+from qemu_offload_handshake.core.model import Tri
+from qemu_offload_handshake.core.policy import Policy
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec
-from qemu_offload_handshake.model import Tri
-from qemu_offload_handshake.policy import Policy
 
 pytestmark = pytest.mark.qemu
 OFFLOADS = ("csum", "guest_csum", "gso", "guest_tso4", "guest_tso6", "guest_ecn", "guest_ufo", "host_tso4",

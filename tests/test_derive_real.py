@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qemu_offload_handshake.features import bits_of
+from qemu_offload_handshake.core.features import bits_of
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec, before_first_device
 from qemu_offload_handshake.probe import probe_vm
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from conftest import require_lab
 
-from qemu_offload_handshake.features import BY_PROPERTY, CATALOGUE
+from qemu_offload_handshake.core.features import BY_PROPERTY, CATALOGUE
 from qemu_offload_handshake.lab import qemu_build
 
 pytestmark = pytest.mark.qemu

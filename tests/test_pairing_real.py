@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.argv import apply_adjustments
-from qemu_offload_handshake.decide import Severity, Verdict
+from qemu_offload_handshake.core.argv import apply_adjustments
+from qemu_offload_handshake.core.decide import Severity, Verdict
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec, before_first_device
 from qemu_offload_handshake.render import verdict_json
 

@@ -14,8 +14,8 @@ from fakeqmp import DATA, DROP, GARBAGE, HANG, TRANSCRIPT, FakeQMP, load_transcr
 
 from qemu_offload_handshake import UsageError, VmReport, decode
 from qemu_offload_handshake.api import precheck, probe
-from qemu_offload_handshake.decide import Severity, Verdict
-from qemu_offload_handshake.model import Tri
+from qemu_offload_handshake.core.decide import Severity, Verdict
+from qemu_offload_handshake.core.model import Tri
 
 
 def status_reply(path: str, transcript: str = TRANSCRIPT) -> dict[str, Any]:

@@ -13,9 +13,9 @@ import pytest
 from conftest import readme_read_only
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.argv import apply_adjustments
-from qemu_offload_handshake.decide import Severity, Verdict
-from qemu_offload_handshake.features import mask_of
+from qemu_offload_handshake.core.argv import apply_adjustments
+from qemu_offload_handshake.core.decide import Severity, Verdict
+from qemu_offload_handshake.core.features import mask_of
 from qemu_offload_handshake.lab import Lab, Migration, Nic, Vm, VmSpec
 
 pytestmark = pytest.mark.qemu

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.decide import Severity, Verdict
-from qemu_offload_handshake.errors import UnsafeCommandError
+from qemu_offload_handshake.core.decide import Severity, Verdict
+from qemu_offload_handshake.core.errors import UnsafeCommandError
 from qemu_offload_handshake.lab import Lab, Migration, Nic, Vm, VmSpec
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 

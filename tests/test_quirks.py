@@ -12,9 +12,9 @@ import pytest
 from fakeqmp import FakeQMP, load_transcript, transcript_greeting
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.errors import UnsafeCommandError
+from qemu_offload_handshake.core.errors import UnsafeCommandError
+from qemu_offload_handshake.core.quirks import KNOWN_CRASHES, command_key, known_crash
 from qemu_offload_handshake.qmp import ReadOnlyQMP
-from qemu_offload_handshake.quirks import KNOWN_CRASHES, command_key, known_crash
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STATUS = "x-query-virtio-status"

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qemu_offload_handshake.features import BY_NAME
+from qemu_offload_handshake.core.features import BY_NAME
 from qemu_offload_handshake.lab import Lab, VmSpec
 
 pytestmark = pytest.mark.qemu

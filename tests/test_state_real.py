@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qemu_offload_handshake.api import precheck
-from qemu_offload_handshake.decide import Severity, Verdict
+from qemu_offload_handshake.core.decide import Severity, Verdict
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec
 
 pytestmark = pytest.mark.qemu

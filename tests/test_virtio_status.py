@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from qemu_offload_handshake import ReplyError
-from qemu_offload_handshake.features import BY_NAME, mask_of
-from qemu_offload_handshake.virtio_status import label_to_bit, parse_feature_block, parse_status
+from qemu_offload_handshake.core.features import BY_NAME, mask_of
+from qemu_offload_handshake.core.labels import label_to_bit, parse_feature_block, parse_status
 
 DATA = Path(__file__).parent / "data"
 USO = mask_of([54, 55, 56])

@@ -15,8 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qemu_offload_handshake import AuthenticationError, DecodeError, UnsupportedVersionError, decode, encode
-from qemu_offload_handshake.features import BY_PROPERTY
-from qemu_offload_handshake.model import DERIVABLE, SIDES, CapabilitySet, HostCapabilities, NicReport, Tri, VmReport
+from qemu_offload_handshake.core.features import BY_PROPERTY
+from qemu_offload_handshake.core.model import (
+    DERIVABLE,
+    SIDES,
+    CapabilitySet,
+    HostCapabilities,
+    NicReport,
+    Tri,
+    VmReport,
+)
 
 
 def frame(body_hex: str, *, major: int = 1, minor: int = 1, rtype: int = 1) -> bytes:

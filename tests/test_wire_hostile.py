@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from qemu_offload_handshake import CapabilitySet, DecodeError, HostCapabilities, decode, encode
-from qemu_offload_handshake.features import BY_PROPERTY
-from qemu_offload_handshake.wire import MAX_RECORD_BYTES
+from qemu_offload_handshake.core.features import BY_PROPERTY
+from qemu_offload_handshake.core.wire import MAX_RECORD_BYTES
 
 MIB = 1 << 20
 OFFERED = 0x1C0010179BFFFE7

@@ -13,13 +13,12 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import UsageError
 from .features import BY_PROPERTY
 from .model import Tri
 
-__all__ = ["Policy", "load_policy"]
+__all__ = ["Policy", "parse_policy"]
 
 
 @dataclass(frozen=True)
@@ -42,25 +41,24 @@ class Policy:
         return Policy(props)
 
 
-def load_policy(path: str | Path) -> Policy:
+def parse_policy(text: str, *, where: str = "policy") -> Policy:
+    """A policy from TOML text (the shell reads the file: ``cli``)."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as err:
-        raise UsageError(f"policy file {path}: {err.strerror or err}") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UsageError(f"policy file {path}: not valid TOML: {err}") from err
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{where}: not valid TOML: {err}") from err
     unknown = set(data) - {"properties"}
     if unknown:
-        raise UsageError(f"policy file {path}: unknown section(s) {sorted(unknown)}; only [properties]")
+        raise UsageError(f"{where}: unknown section(s) {sorted(unknown)}; only [properties]")
     table = data.get("properties", {})
     if not isinstance(table, dict):
-        raise UsageError(f"policy file {path}: [properties] must be a table")
+        raise UsageError(f"{where}: [properties] must be a table")
     props = {}
     for prop, value in table.items():
         if not isinstance(value, str) or value.lower() not in ("on", "off", "auto"):
-            raise UsageError(f"policy file {path}: {prop} = {value!r}: use \"on\", \"off\" or \"auto\"")
+            raise UsageError(f"{where}: {prop} = {value!r}: use \"on\", \"off\" or \"auto\"")
         props[prop] = Tri[value.upper()]
     try:
         return Policy(props)
     except UsageError as err:
-        raise UsageError(f"policy file {path}: {err}") from None
+        raise UsageError(f"{where}: {err}") from None

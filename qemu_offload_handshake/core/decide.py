@@ -195,7 +195,7 @@ def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why:
           negotiated=negotiated)
 
 
-_FEATURES_OK = 8  # virtio status bit (virtio_status.STATUS_BITS)
+_FEATURES_OK = 8  # virtio status bit (labels.STATUS_BITS)
 
 
 def has_negotiated(nic: NicReport) -> bool:

@@ -28,10 +28,9 @@ from typing import Any, Literal
 
 from qemu.qmp import QMPClient, QMPError
 
-from .errors import HandshakeError
-from .probe import split_virtio_path
-from .quirks import known_crash
-from .virtio_status import parse_feature_block, parse_status
+from ..core.labels import parse_feature_block, parse_status
+from ..core.quirks import known_crash
+from ..probe import split_virtio_path
 
 __all__ = [
     "Lab",
@@ -63,13 +62,22 @@ GUEST_READY = "QOH-GUEST-READY"
 DRIVER_OK = 4
 
 
-class LabError(HandshakeError):
-    """The lab cannot do what was asked (a prerequisite is missing, QEMU died, a guest did not boot)."""
+class LabError(Exception):
+    """The lab cannot do what was asked (a prerequisite is missing, QEMU died, a guest did not boot). The lab is
+    test and demo equipment, not the product: its errors are not part of the ``HandshakeError`` tree."""
 
 
 def cache_dir() -> Path:
+    """Where set-up puts QEMU 7.2/11.1, the guest and the shim: ``QOH_CACHE``, else ``.cache`` of the source
+    checkout this package runs from (``scripts/setup.sh``), else ``~/.cache/qemu-offload-handshake`` (never inside
+    site-packages)."""
     env = os.environ.get("QOH_CACHE")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".cache"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").exists() and (checkout / "scripts" / "setup.sh").exists():
+        return checkout / ".cache"
+    return Path.home() / ".cache" / "qemu-offload-handshake"
 
 
 @dataclass(frozen=True, slots=True)
