@@ -47,7 +47,7 @@ async def floor(src: str, dst: str, commands: int = 1) -> None:
 
 
 async def commands_per_side(address: str) -> int:
-    from qemu_offload_handshake.probe import probe_vm
+    from qemu_offload_handshake.probing import probe_vm
     async with ReadOnlyQMP(parse_address(address)) as qmp:
         await probe_vm(qmp, host="count")
         return len(qmp.sent)
@@ -82,7 +82,7 @@ async def batch_read() -> None:
     if prerequisites(guest=False, qemu72=False, qemu111=True):
         print("3. QEMU 11.1: skipped (not installed: run scripts/setup.sh)")
         return
-    from qemu_offload_handshake.probe import probe_vm
+    from qemu_offload_handshake.probing import probe_vm
     async with Lab() as lab:
         vm = await lab.start(VmSpec(qemu="11.1", nics=tuple(Nic(f"net{i}") for i in range(4))))
         async with ReadOnlyQMP(parse_address(vm.address)) as qmp:

@@ -14,7 +14,7 @@ from .core.decide import Mode, Verdict, decide
 from .core.errors import HandshakeError, UsageError
 from .core.model import VmReport
 from .core.policy import Policy
-from .probe import probe_vm
+from .probing import probe_vm
 from .qmp import ReadOnlyQMP, describe, parse_address
 
 __all__ = ["precheck", "probe"]

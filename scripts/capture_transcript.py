@@ -16,7 +16,7 @@ from typing import Any
 
 from qemu_offload_handshake import CommandError, encode
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec
-from qemu_offload_handshake.probe import probe_vm
+from qemu_offload_handshake.probing import probe_vm
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data"

@@ -212,16 +212,15 @@ def test_argparse_errors_are_one_line_too() -> None:
 # --- the package's public names ---
 
 @pytest.mark.parametrize("first", [
-    "import qemu_offload_handshake.api", "import qemu_offload_handshake.probe",
-    "from qemu_offload_handshake.probe import probe_vm", "import qemu_offload_handshake"])
+    "import qemu_offload_handshake.api", "import qemu_offload_handshake.probing",
+    "from qemu_offload_handshake.probing import probe_vm", "import qemu_offload_handshake"])
 def test_probe_is_always_the_async_function(first: str) -> None:
     script = (f"{first}\n"
               "import inspect, qemu_offload_handshake as q\n"
               "from qemu_offload_handshake import probe, precheck\n"
               "from qemu_offload_handshake.api import probe as api_probe\n"
-              "import qemu_offload_handshake.probe\n"
+              "import qemu_offload_handshake.probing\n"
               "assert probe is api_probe is q.probe and inspect.iscoroutinefunction(precheck), probe\n"
-              "from qemu_offload_handshake.probe import probe_vm\n"
               "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")

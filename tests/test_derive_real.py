@@ -7,7 +7,7 @@ import pytest
 
 from qemu_offload_handshake.core.features import bits_of
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec, before_first_device
-from qemu_offload_handshake.probe import probe_vm
+from qemu_offload_handshake.probing import probe_vm
 from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 
 pytestmark = pytest.mark.qemu

@@ -20,11 +20,9 @@ without UFO). Where neither proves the answer, it is unknown, and unknown is nev
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from .devstate import Effect, compare_state
 from .features import (
     BY_BIT,
     BY_PROPERTY,
@@ -39,65 +37,13 @@ from .features import (
     missing_requirements,
 )
 from .model import NicReport, Tri, VmReport
+from .pairing import pair_devices, state_checks
 from .policy import Policy
+from .rules import Mode, Severity, severity_of
+from .verdict import RANK, Collector, Finding, Outcome, Verdict, outcome_of
 
 __all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "different_vms", "has_negotiated",
            "report_warnings", "with_warnings"]
-
-
-class Outcome(enum.Enum):
-    COMPATIBLE = "compatible"
-    ADJUSTABLE = "adjustable"
-    BLOCKED = "blocked"
-    UNKNOWN = "unknown"
-
-
-class Severity(enum.Enum):
-    BLOCKER = "blocker"  # the migration fails or the guest loses a feature it uses
-    UNKNOWN = "unknown"  # a fact needed for the decision is missing
-    ADJUST = "adjust"  # fixed by the destination overrides
-    WARNING = "warning"  # no effect on the verdict, but an operator should know
-    INFO = "info"
-
-
-class Mode(enum.Enum):
-    STRICT = "strict"
-    LENIENT = "lenient"
-
-
-_RANK = {Severity.BLOCKER: 0, Severity.UNKNOWN: 1, Severity.ADJUST: 2, Severity.WARNING: 3, Severity.INFO: 4}
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    device: str  # qdev id or QOM path; "" for a VM-wide finding
-    severity: Severity
-    code: str  # stable rule name, e.g. "offer-missing"
-    why: str  # one plain sentence
-    feature: str | None = None
-    bit: int | None = None
-    source: str | None = None  # the source's value: "offered" / "not offered" / a property value / text
-    dest: str | None = None
-    negotiated: bool | None = None  # whether the guest negotiated the feature on the source
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    outcome: Outcome
-    mode: Mode
-    findings: tuple[Finding, ...]
-    adjustments: dict[str, dict[str, str]] = field(default_factory=dict)  # qdev id -> {property: "on"/"off"}
-    recommendations: dict[str, dict[str, str]] = field(default_factory=dict)  # lenient: strict's overrides
-    source: VmReport | None = None
-    dest: VmReport | None = None
-    pairs: tuple[tuple[str | None, str | None], ...] = ()  # (source key, destination key) as QEMU pairs them
-
-    @property
-    def verdict(self) -> str:
-        return self.outcome.value
-
-    def device_findings(self, device: str) -> tuple[Finding, ...]:
-        return tuple(f for f in self.findings if f.device == device)
 
 
 # Why QEMU silently cleared a bit, for the "why" sentences: the first group that holds the bit.
@@ -176,21 +122,10 @@ def has_ufo(nic: NicReport) -> bool | None:
     return False if asked else None
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.findings: list[Finding] = []
-        self.adjust: dict[str, dict[str, str]] = {}
-        self.recommend: dict[str, dict[str, str]] = {}
-
-    def add(self, device: str, severity: Severity, code: str, why: str, **kw: object) -> None:
-        self.findings.append(Finding(device, severity, code, why, **kw))  # type: ignore[arg-type]
-
-
-def _bit_finding(c: _Collector, device: str, severity: Severity, code: str, why: str, bit: int,
-                 src: NicReport, dst: NicReport) -> None:
+def _bit_finding(c: Collector, device: str, code: str, why: str, bit: int, src: NicReport, dst: NicReport) -> None:
     negotiated = bool((src.negotiated or 0) >> bit & 1) if has_negotiated(src) else None
     feature = BY_BIT.get(bit)
-    c.add(device, severity, code, why, feature=feature.name if feature else None, bit=bit,
+    c.add(device, code, why, feature=feature.name if feature else None, bit=bit,
           source=_state(src.offered, bit, src.offered_unknown), dest=_state(dst.offered, bit, dst.offered_unknown),
           negotiated=negotiated)
 
@@ -206,25 +141,25 @@ def has_negotiated(nic: NicReport) -> bool:
     return nic.driver_status is None or bool(nic.driver_status & _FEATURES_OK)
 
 
-def _silent_turn_offs(c: _Collector, key: str, side: str, nic: NicReport) -> None:
+def _silent_turn_offs(c: Collector, key: str, side: str, nic: NicReport) -> None:
     if nic.offered is None:
         return
     for prop, tri in nic.properties:
         feature = BY_PROPERTY.get(prop)
         if feature is None or tri is not Tri.ON or (nic.offered_upper or 0) >> feature.bit & 1:
             continue
-        c.add(key, Severity.WARNING, "silently-off",
+        c.add(key, "silently-off",
               f"its property is on (set or by default), yet the {side} QEMU silently does not offer it: "
               f"{_cause(feature.bit)}.",
               feature=feature.name, bit=feature.bit, **{"source" if side == "source" else "dest": "on, not offered"})
 
 
-def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> None:
+def _load_checks(c: Collector, key: str, src: NicReport, dst: NicReport) -> None:
     """The conditions under which QEMU itself refuses to load the device."""
     # QEMU checks the saved guest features whatever the driver status (a driver that wrote its features but has
     # not set FEATURES_OK yet counts too); a device reset clears them (virtio_reset).
     if src.negotiated is None:
-        c.add(key, Severity.UNKNOWN, "negotiated-unknown",
+        c.add(key, "negotiated-unknown",
               "the guest's negotiated features on the source could not be read.")
     elif dst.offered is not None:
         assumed = "negotiated" in src.derived
@@ -233,12 +168,12 @@ def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> Non
         for bit in bits_of(src.negotiated & ~dst.offered):
             if (src.offered_unknown | dst.offered_unknown) >> bit & 1:
                 sides = _sides(src.offered_unknown >> bit & 1, dst.offered_unknown >> bit & 1)
-                _bit_finding(c, key, Severity.UNKNOWN, "negotiated-undetermined",
+                _bit_finding(c, key, "negotiated-undetermined",
                              f"{uses}, and whether the {sides}"
                              f" offers it cannot be told safely (it depends on {_cause(bit, known=False)}): if the "
                              "guest uses it and the destination lacks it, QEMU will refuse the load.", bit, src, dst)
                 continue
-            _bit_finding(c, key, Severity.BLOCKER, "negotiated-missing",
+            _bit_finding(c, key, "negotiated-missing",
                          f"{uses} and the destination does not offer it ({_lacks(bit, dst)}): QEMU will "
                          "refuse the load with 'Features 0x... unsupported'.",
                          bit, src, dst)
@@ -248,32 +183,31 @@ def _load_checks(c: _Collector, key: str, src: NicReport, dst: NicReport) -> Non
         if had is False:
             continue
         if had is True and has is False:
-            c.add(key, Severity.BLOCKER, f"backend-{check.__name__}",
+            c.add(key, f"backend-{check.__name__}",
                   f"the source's backend has {text} and the destination's does not: QEMU will refuse the load "
                   f"with '{error}'.", source="yes", dest="no")
         elif had is None or has is None:
-            c.add(key, Severity.UNKNOWN, f"backend-{check.__name__}-unknown",
+            c.add(key, f"backend-{check.__name__}-unknown",
                   f"whether the {'source' if had is None else 'destination'} backend has {text} cannot be told "
                   "from what QEMU reports.", source=str(had).lower(), dest=str(has).lower())
 
 
-def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode, policy: Policy) -> None:
+def _compare(c: Collector, key: str, src: NicReport, dst: NicReport, mode: Mode, policy: Policy) -> None:
     if src.offered is None or dst.offered is None:
-        c.add(key, Severity.UNKNOWN, "offered-unknown",
+        c.add(key, "offered-unknown",
               f"the features the {'source' if src.offered is None else 'destination'} offers could not be read.")
         return
     overrides: dict[str, str] = {}
     undetermined = src.offered_unknown | dst.offered_unknown
     in_load_checks = (src.negotiated or 0) & ~dst.offered  # already a negotiated-* finding
     for bit in bits_of(undetermined & ~in_load_checks):
-        severity = Severity.UNKNOWN if mode is Mode.STRICT else Severity.WARNING
-        _bit_finding(c, key, severity, "offered-undetermined",
+        _bit_finding(c, key, "offered-undetermined",
                      f"whether the {_sides(src.offered_unknown >> bit & 1, dst.offered_unknown >> bit & 1)} offers "
                      f"it cannot be told safely (it depends on {_cause(bit, known=False)}), so the guest ABI "
                      "cannot be proven identical.", bit, src, dst)
     missing = src.offered & ~dst.offered & ~undetermined
     if missing and mode is Mode.LENIENT and not src.negotiated and "negotiated" not in src.derived:
-        c.add(key, Severity.WARNING, "negotiation-pending",
+        c.add(key, "negotiation-pending",
               "the guest's driver has negotiated nothing yet (booting, or paused before its driver loaded): it may "
               "still negotiate a feature the destination does not offer before the switchover, and the load would "
               "then fail; migrate with a re-check at the switchover, or use strict mode.")
@@ -281,8 +215,7 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
         negotiated = src.negotiated is not None and bool(src.negotiated >> bit & 1)
         if negotiated:
             continue  # already a blocker from the load checks
-        severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING
-        _bit_finding(c, key, severity, "offer-missing",
+        _bit_finding(c, key, "offer-missing",
                      f"the destination does not offer it ({_lacks(bit, dst)}): the guest would lose it at its next "
                      "device reset (ABI change).", bit, src, dst)
     extra = dst.offered & ~src.offered & ~undetermined
@@ -290,19 +223,17 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
         feature = BY_BIT.get(bit)
         prop = feature.prop if feature else None
         if prop is None or dst.prop(prop) is Tri.UNSET:
-            severity = Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING
-            _bit_finding(c, key, severity, "offer-extra-fixed",
+            _bit_finding(c, key, "offer-extra-fixed",
                          "only the destination offers it and has no property to turn it off: the guest would see "
                          "a new feature after its next reset (ABI change).", bit, src, dst)
             continue
         overrides[prop] = "off"
-        severity = Severity.ADJUST if mode is Mode.STRICT else Severity.WARNING
-        _bit_finding(c, key, severity, "offer-extra",
+        _bit_finding(c, key, "offer-extra",
                      "only the destination offers it; turn it off there to keep the guest ABI identical.",
                      bit, src, dst)
     _apply_policy(c, key, src, dst, policy, overrides)
     if overrides and missing_requirements(dst.offered & ~mask_of(BY_PROPERTY[p].bit for p in overrides)):
-        c.add(key, Severity.BLOCKER, "overrides-inconsistent",
+        c.add(key, "overrides-inconsistent",
               "turning the extra features off would leave the destination with a feature set the virtio spec "
               "forbids (a feature without the one it requires).")
         return
@@ -313,36 +244,36 @@ def _compare(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode
             c.recommend[dst.key] = overrides
 
 
-def _apply_policy(c: _Collector, key: str, src: NicReport, dst: NicReport, policy: Policy,
+def _apply_policy(c: Collector, key: str, src: NicReport, dst: NicReport, policy: Policy,
                   overrides: dict[str, str]) -> None:
     if src.offered is None or dst.offered is None:
         return
     for prop, want in policy.properties.items():
         bit = BY_PROPERTY[prop].bit
         if want is not Tri.AUTO and (src.offered_unknown | dst.offered_unknown) >> bit & 1:
-            _bit_finding(c, key, Severity.UNKNOWN, "policy-undetermined",
+            _bit_finding(c, key, "policy-undetermined",
                          f"policy requires {prop}={want}, and whether it is offered cannot be told safely.",
                          bit, src, dst)
             continue
         in_src, in_dst = bool(src.offered >> bit & 1), bool(dst.offered >> bit & 1)
         if want is Tri.ON and not (in_src and in_dst):
             where = " and ".join(s for s, ok in (("source", in_src), ("destination", in_dst)) if not ok)
-            _bit_finding(c, key, Severity.BLOCKER, "policy-on",
+            _bit_finding(c, key, "policy-on",
                          f"policy requires {prop}=on but the {where} does not offer it ({_cause(bit)}).",
                          bit, src, dst)
         elif want is Tri.OFF and in_src:
-            _bit_finding(c, key, Severity.BLOCKER, "policy-off-source",
+            _bit_finding(c, key, "policy-off-source",
                          f"policy requires {prop}=off but the source offers it; a running guest cannot be "
                          "changed.", bit, src, dst)
         elif want is Tri.OFF and in_dst:
             # never passed silently: even where lenient mode would only recommend the override, policy adjusts
             if dst.prop(prop) is Tri.UNSET and prop not in overrides:
-                _bit_finding(c, key, Severity.BLOCKER, "policy-off-fixed",
+                _bit_finding(c, key, "policy-off-fixed",
                              f"policy requires {prop}=off; the destination offers it and has no such property.",
                              bit, src, dst)
             else:
                 overrides[prop] = "off"
-                _bit_finding(c, key, Severity.ADJUST, "policy-off",
+                _bit_finding(c, key, "policy-off",
                              f"policy requires {prop}=off; turn it off on the destination.", bit, src, dst)
 
 
@@ -350,21 +281,10 @@ def _qemu(report: VmReport) -> str:
     return "QEMU " + ".".join(map(str, report.qemu_version)) if report.qemu_version else "QEMU of unknown version"
 
 
-def _outcome(findings: Iterable[Finding]) -> Outcome:
-    severities = {f.severity for f in findings}
-    if Severity.BLOCKER in severities:
-        return Outcome.BLOCKED
-    if Severity.UNKNOWN in severities:
-        return Outcome.UNKNOWN
-    if Severity.ADJUST in severities:
-        return Outcome.ADJUSTABLE
-    return Outcome.COMPATIBLE
-
-
 def with_warnings(verdict: Verdict, warnings: Iterable[tuple[str, str]]) -> Verdict:
     """The verdict with VM-wide warnings added (``(code, sentence)``): they inform, the outcome stays."""
-    extra = tuple(Finding("", Severity.WARNING, code, why) for code, why in warnings)
-    findings = tuple(sorted(verdict.findings + extra, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
+    extra = tuple(Finding("", severity_of(code, verdict.mode), code, why) for code, why in warnings)
+    findings = tuple(sorted(verdict.findings + extra, key=lambda f: (RANK[f.severity], f.device, f.bit or -1)))
     return replace(verdict, findings=findings)
 
 
@@ -399,35 +319,35 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
            policy: Policy | None = None, problems: Iterable[str] = ()) -> Verdict:
     """Compare the two sides. ``problems`` are reasons a side could not be probed at all (verdict unknown)."""
     policy = policy or Policy()
-    c = _Collector()
+    c = Collector(mode)
     for problem in problems:
-        c.add("", Severity.UNKNOWN, "probe-failed", problem)
+        c.add("", "probe-failed", problem)
     if source is None or dest is None:
         if not any(f.code == "probe-failed" for f in c.findings):
-            c.add("", Severity.UNKNOWN, "probe-failed", "a side was not probed.")
-        return Verdict(_outcome(c.findings), mode, tuple(c.findings), source=source, dest=dest)
+            c.add("", "probe-failed", "a side was not probed.")
+        return Verdict(outcome_of(c.findings), mode, tuple(c.findings), source=source, dest=dest)
     for side, report in (("source", source), ("destination", dest)):
         for note in report.unreadable:
-            c.add("", Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
+            c.add("", "unreadable", f"on the {side}, {note}.")
     if source.machine is None or dest.machine is None:
-        c.add("", Severity.UNKNOWN, "machine-unknown", "the machine type of a side could not be read.")
+        c.add("", "machine-unknown", "the machine type of a side could not be read.")
     elif source.machine != dest.machine:
-        c.add("", Severity.BLOCKER, "machine-differs",
+        c.add("", "machine-differs",
               f"the machine types differ ({source.machine} vs {dest.machine}): QEMU migrates only between equal "
               "machine types.", source=source.machine, dest=dest.machine)
     if not (source.devices_known and dest.devices_known):
-        c.add("", Severity.UNKNOWN, "devices-unknown",
+        c.add("", "devices-unknown",
               "the virtio-net devices of a side could not be listed, so they cannot be compared.")
         return _verdict(c, mode, source, dest)
-    pairs = _pair(c, source.nics, dest.nics)
+    pairs = pair_devices(c, source.nics, dest.nics)
     for src, dst in pairs:
         if src is None or dst is None:
             continue
         for side, nic, report in (("source", src, source), ("destination", dst, dest)):
             for note in nic.unreadable:
-                c.add(src.key, Severity.UNKNOWN, "unreadable", f"on the {side}, {note}.")
+                c.add(src.key, "unreadable", f"on the {side}, {note}.")
             if nic.derived:
-                c.add(src.key, Severity.INFO, "derived",
+                c.add(src.key, "derived",
                       f"on the {side} ({_qemu(report)}), {', '.join(nic.derived)} were derived, not read: "
                       "x-query-virtio-status is known to crash this QEMU, so offered features come from its "
                       "properties and backend facts and the guest is assumed to use every feature that may be "
@@ -435,102 +355,16 @@ def decide(source: VmReport | None, dest: VmReport | None, *, mode: Mode = Mode.
             _silent_turn_offs(c, src.key, side, nic)
         _load_checks(c, src.key, src, dst)
         _compare(c, src.key, src, dst, mode, policy)
-        _state_checks(c, src.key, src, dst, mode)
+        state_checks(c, src.key, src, dst)
     if not source.nics and not dest.nics:
-        c.add("", Severity.INFO, "no-nics", "neither side has a virtio-net device.")
+        c.add("", "no-nics", "neither side has a virtio-net device.")
     return _verdict(c, mode, source, dest, tuple((s.key if s else None, d.key if d else None) for s, d in pairs))
 
 
-_ANON = "/machine/peripheral-anon/"
-
-
-def _state_checks(c: _Collector, key: str, src: NicReport, dst: NicReport, mode: Mode) -> None:
-    """Device state beyond the feature bits (``devstate.STATE_RULES``)."""
-    empty = [side for side, nic in (("source", src), ("destination", dst)) if not nic.state]
-    if empty:
-        c.add(key, Severity.UNKNOWN, "state-unknown",
-              f"the device state beyond features (MSI-X vectors, queues, option ROM, ring sizes, MTU, MAC) of the "
-              f"{' and '.join(empty)} could not be read; a difference there can fail the load.")
-        return
-    express = (src.dev_path or "").count(":") > 2 or (dst.dev_path or "").count(":") > 2  # behind a port
-    for rule, a, b in compare_state(dict(src.state), dict(dst.state), express=express):
-        if a is None or b is None:
-            c.add(key, Severity.UNKNOWN, "state-unknown",
-                  f"{rule.what} could not be read on the {'source' if a is None else 'destination'}.",
-                  source=a, dest=b)
-        elif rule.effect is Effect.LOAD:
-            c.add(key, Severity.BLOCKER, "state-differs",
-                  f"{rule.what} differs ({rule.name}: {a} vs {b}): QEMU will refuse to load the device state.",
-                  source=a, dest=b)
-        else:
-            c.add(key, Severity.BLOCKER if mode is Mode.STRICT else Severity.WARNING, "config-differs",
-                  f"{rule.what} differs ({rule.name}: {a} vs {b}): the load works, but the guest sees the "
-                  "destination's value "
-                  "(at once, or after its next device reset): an ABI change.", source=a, dest=b)
-
-
-def _pair(c: _Collector, sources: tuple[NicReport, ...],
-          dests: tuple[NicReport, ...]) -> list[tuple[NicReport | None, NicReport | None]]:
-    """Pair devices as QEMU pairs their migrated state: by device path (``qdev_get_dev_path``, e.g.
-    ``0000:00:04.0``; ``migration/savevm.c`` files each device's state under it, not under its id). Where a path
-    is missing on either side, by id, and the pairing itself is then unknown."""
-    pairs: list[tuple[NicReport | None, NicReport | None]] = []
-    if all(n.dev_path for n in sources + dests):
-        by_path = {n.dev_path: n for n in dests}
-        by_key = {n.key: n for n in dests}
-        for src in sources:
-            dst = by_path.pop(src.dev_path, None)
-            pairs.append((src, dst))
-            if dst is None:
-                _absent(c, src.key, "destination", f"at {src.dev_path}")
-            elif dst.key != src.key and not (src.key.startswith(_ANON) and dst.key.startswith(_ANON)):
-                other = by_key.get(src.key)
-                if other is not None:
-                    c.add(src.key, Severity.WARNING, "device-moved",
-                          f"{src.key} is at {src.dev_path} on the source and at {other.dev_path} on the destination:"
-                          f" QEMU loads its state into the destination's device at {src.dev_path}, {dst.key}, and "
-                          f"compares it with that one; adjustments name {dst.key}.", source=src.dev_path,
-                          dest=other.dev_path)
-                else:
-                    c.add(src.key, Severity.WARNING, "device-renamed",
-                          f"the device at {src.dev_path} is {src.key} on the source and {dst.key} on the destination:"
-                          f" QEMU pairs them by slot; adjustments name {dst.key}.", source=src.key, dest=dst.key)
-        pairs += [(None, dst) for dst in by_path.values()]
-        for dst in by_path.values():
-            _absent(c, dst.key, "source", f"at {dst.dev_path}")
-        return pairs
-    missing = [n.key for n in sources + dests if not n.dev_path]
-    c.add("", Severity.UNKNOWN, "device-path-unknown",
-          f"the device path of {', '.join(dict.fromkeys(missing))} could not be read, so which device QEMU pairs "
-          "with which cannot be told (it pairs them by PCI slot, not by id); compared by id.")
-    keys = {n.key: n for n in dests}
-    for src in sources:
-        dst = keys.pop(src.key, None)
-        pairs.append((src, dst))
-        if dst is None:
-            _absent(c, src.key, "destination", "")
-    for dst in keys.values():
-        pairs.append((None, dst))
-        _absent(c, dst.key, "source", "")
-    return pairs
-
-
-def _absent(c: _Collector, key: str, lacking: str, where: str) -> None:
-    place = f" ({where})" if where else ""
-    if lacking == "destination":
-        c.add(key, Severity.BLOCKER, "device-missing",
-              f"the destination has no such virtio-net device{place}: the load would fail.", source="present",
-              dest="absent")
-    else:
-        c.add(key, Severity.BLOCKER, "device-extra",
-              f"only the destination has this virtio-net device{place}: the load would fail.", source="absent",
-              dest="present")
-
-
-def _verdict(c: _Collector, mode: Mode, source: VmReport, dest: VmReport,
+def _verdict(c: Collector, mode: Mode, source: VmReport, dest: VmReport,
              pairs: tuple[tuple[str | None, str | None], ...] = ()) -> Verdict:
-    findings = tuple(sorted(c.findings, key=lambda f: (_RANK[f.severity], f.device, f.bit or -1)))
-    outcome = _outcome(findings)
+    findings = tuple(sorted(c.findings, key=lambda f: (RANK[f.severity], f.device, f.bit or -1)))
+    outcome = outcome_of(findings)
     adjustments = c.adjust if outcome is Outcome.ADJUSTABLE else {}
     recommendations = c.recommend if outcome is not Outcome.BLOCKED else {}
     return Verdict(outcome, mode, findings, adjustments, recommendations, source, dest, pairs)

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +29,27 @@ from qemu.qmp import QMPClient, QMPError
 
 from ..core.labels import parse_feature_block, parse_status
 from ..core.quirks import known_crash
-from ..probe import split_virtio_path
+from ..probing import split_virtio_path
+from .builds import (
+    NAME_PREFIX,
+    TAP_PREFIX,
+    VERSIONS,
+    LabError,
+    QemuBuild,
+    QemuVersion,
+    before_first_device,
+    cache_dir,
+    ip,
+    prerequisites,
+    qemu_build,
+)
+from .leaks import Leftovers, clean, clean_stale, leftovers, owned_leftovers, stale_leftovers
 
 __all__ = [
+    "VERSIONS",
     "Lab",
     "LabError",
+    "Leftovers",
     "Migration",
     "Nic",
     "QemuBuild",
@@ -53,31 +68,13 @@ __all__ = [
 
 Backend = Literal["tap", "tap-nouso", "tap-notunnel", "user"]
 Mode = Literal["paused", "booted", "incoming"]
-QemuVersion = Literal["10", "7.2", "11.1"]
-VERSIONS: tuple[QemuVersion, ...] = ("10", "7.2", "11.1")
 
-TAP_PREFIX = "qoh"  # every tap the lab makes starts with this
-NAME_PREFIX = "qoh-lab-"  # every QEMU the lab starts has -name qoh-lab-...
 GUEST_READY = "QOH-GUEST-READY"
 DRIVER_OK = 4
 
-
-class LabError(Exception):
-    """The lab cannot do what was asked (a prerequisite is missing, QEMU died, a guest did not boot). The lab is
-    test and demo equipment, not the product: its errors are not part of the ``HandshakeError`` tree."""
-
-
-def cache_dir() -> Path:
-    """Where set-up puts QEMU 7.2/11.1, the guest and the shim: ``QOH_CACHE``, else ``.cache`` of the source
-    checkout this package runs from (``scripts/setup.sh``), else ``~/.cache/qemu-offload-handshake`` (never inside
-    site-packages)."""
-    env = os.environ.get("QOH_CACHE")
-    if env:
-        return Path(env)
-    checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "pyproject.toml").exists() and (checkout / "scripts" / "setup.sh").exists():
-        return checkout / ".cache"
-    return Path.home() / ".cache" / "qemu-offload-handshake"
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: QEMU dies with us, whatever happens
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,228 +122,6 @@ class Migration:
     @property
     def source_running(self) -> bool:
         return self.source_state == "running"
-
-
-@dataclass(frozen=True, slots=True)
-class QemuBuild:
-    """How to run one QEMU version: its binary, extra environment and extra arguments."""
-
-    binary: str
-    env: Mapping[str, str]
-    args: tuple[str, ...]
-
-
-def qemu_build(version: QemuVersion) -> QemuBuild:
-    if version == "10":
-        binary = shutil.which("qemu-system-x86_64")
-        if binary is None:
-            raise LabError("qemu-system-x86_64 (QEMU >= 10) is not installed: run scripts/setup.sh")
-        return QemuBuild(binary, {}, ())
-    root = cache_dir() / f"qemu-{version}"
-    binary = str(root / "usr/bin/qemu-system-x86_64")
-    if not os.access(binary, os.X_OK) or not (root / ".complete").exists():
-        raise LabError(f"QEMU {version} is not unpacked at {root}: run scripts/setup.sh")
-    libs = f"{root}/usr/lib/x86_64-linux-gnu:{root}/lib/x86_64-linux-gnu"
-    modules = {"QEMU_MODULE_DIR": f"{root}/usr/lib/x86_64-linux-gnu/qemu"}
-    if version == "11.1":
-        # Debian 13's QEMU with Debian 13's libraries, started through its own dynamic loader (NOTES, seen), with
-        # its own firmware and option ROMs.
-        loader = f"{root}/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
-        return QemuBuild(loader, modules, ("--library-path", libs, binary, "-L", f"{root}/usr/share/qemu",
-                                           "-L", f"{root}/usr/share/seabios", "-L", f"{root}/usr/lib/ipxe/qemu"))
-    env = modules | {"LD_LIBRARY_PATH": libs}
-    # Firmware and NIC option ROMs: the system's SeaBIOS and iPXE, then 7.2's own data (NOTES, seen).
-    args = ("-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu", "-L", f"{root}/usr/share/qemu")
-    return QemuBuild(binary, env, args)
-
-
-def before_first_device(argv: list[str], extra: Iterable[str]) -> list[str]:
-    """``argv`` with ``extra`` arguments placed before its first ``-device`` (a bus must exist before its NIC)."""
-    at = argv.index("-device") if "-device" in argv else len(argv)
-    return [*argv[:at], *extra, *argv[at:]]
-
-
-def prerequisites(*, guest: bool = True, qemu72: bool = True, qemu111: bool = True) -> list[str]:
-    """What is missing for the lab to run, as sentences (empty: ready)."""
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not root: tap devices need root")
-    if not os.path.exists("/dev/net/tun"):
-        problems.append("/dev/net/tun is missing")
-    versions = [v for v in VERSIONS if (v != "7.2" or qemu72) and (v != "11.1" or qemu111)]
-    for version in versions:
-        try:
-            qemu_build(version)
-        except LabError as err:
-            problems.append(str(err))
-    if guest:
-        for name in ("vmlinuz", "initrd.gz"):
-            if not (cache_dir() / "guest" / name).exists():
-                problems.append(f"test guest {name} missing in {cache_dir() / 'guest'}: run scripts/setup.sh")
-    if not (cache_dir() / "nouso.so").exists():
-        problems.append(f"no-USO shim missing at {cache_dir() / 'nouso.so'}: run scripts/setup.sh")
-    return problems
-
-
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: QEMU dies with us, whatever happens
-
-
-Leftovers = tuple[list[int], list[str], list[str]]  # lab QEMU pids, lab tap names, lab/test folders
-_OWNER_PID = re.compile(rf"{re.escape(NAME_PREFIX)}(\d+)(?:-|$)")  # QEMU -name and VM folders: qoh-lab-<pid>-N
-_TAP_OWNER = re.compile(rf"{re.escape(TAP_PREFIX)}(\d{{1,5}})t\d+")  # taps: qoh<pid % 100000>t<N>
-_FOLDER_OWNER = re.compile(r"qoh-[a-z]+-(\d+)-")  # folders that name their owner: qoh-fake-<pid>-...
-OWNERLESS_AGE = 3600.0  # a qoh-* folder that names no owner is stale once untouched this long (seconds)
-
-
-def _processes() -> dict[int, tuple[int, bytes]]:
-    """Every live process (zombies left out): pid -> (parent pid, command line)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if state != "Z":
-            found[int(proc.name)] = (int(ppid), cmdline)
-    return found
-
-
-def _lab_qemus(procs: Mapping[int, tuple[int, bytes]]) -> dict[int, int | None]:
-    """Live lab QEMUs: pid -> the owner pid named by their ``-name qoh-lab-<pid>-N`` (None: names none)."""
-    qemus: dict[int, int | None] = {}
-    for pid, (_, cmdline) in procs.items():
-        if NAME_PREFIX.encode() not in cmdline or b"qemu-system" not in cmdline:
-            continue
-        args = cmdline.split(b"\0")
-        names = [args[i + 1].decode(errors="replace") for i, arg in enumerate(args[:-1]) if arg == b"-name"]
-        m = _OWNER_PID.match(names[0]) if names else None
-        qemus[pid] = int(m.group(1)) if m else None
-    return qemus
-
-
-def _orphaned(owner: int | None, ppid: int, procs: Mapping[int, object]) -> bool:
-    """Whether a lab QEMU has lost the process that started it (the one its name gives, its parent)."""
-    if owner is None:  # a name this lab does not give: only an orphan adopted by init is surely stale
-        return ppid == 1
-    return owner not in procs or ppid != owner
-
-
-def _tap_owner(tap: str) -> int | None:
-    """A lab tap's owner as its name gives it: the owner's pid modulo 100000."""
-    m = _TAP_OWNER.fullmatch(tap)
-    return int(m.group(1)) if m else None
-
-
-def _folder_owners(folder: Path) -> set[int]:
-    """The pids a lab or test folder names: its own (``qoh-fake-<pid>-...``) or its VMs' (``qoh-lab-<pid>-N``)."""
-    m = _FOLDER_OWNER.match(folder.name)
-    if m:
-        return {int(m.group(1))}
-    owners = set()
-    with contextlib.suppress(OSError):
-        for sub in folder.iterdir():
-            if m := _OWNER_PID.match(sub.name):
-                owners.add(int(m.group(1)))
-    return owners
-
-
-def leftovers() -> Leftovers:
-    """Pids of live lab QEMUs, names of lab taps, and lab/test socket folders (from this or any other run, live or
-    not; ``stale_leftovers`` and ``owned_leftovers`` tell whose)."""
-    pids = sorted(_lab_qemus(_processes()))
-    taps = sorted(p.name for p in Path("/sys/class/net").iterdir()
-                  if p.name.startswith(TAP_PREFIX) and (p / "tun_flags").exists())
-    dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob("qoh-*"))
-    return pids, taps, dirs
-
-
-def owned_leftovers(owners: Iterable[int]) -> Leftovers:
-    """The leftovers whose names say one of ``owners`` (pids) made them: QEMUs ``qoh-lab-<pid>-N``, taps
-    ``qoh<pid % 100000>tN``, folders ``qoh-fake-<pid>-...`` or holding VM folders ``qoh-lab-<pid>-N``."""
-    owners = set(owners)
-    pids, taps, dirs = leftovers()
-    qemus = _lab_qemus(_processes())
-    return ([p for p in pids if qemus.get(p) in owners],
-            [t for t in taps if _tap_owner(t) in {o % 100000 for o in owners}],
-            [d for d in dirs if _folder_owners(Path(d)) & owners])
-
-
-def stale_leftovers(*, ownerless_age: float = OWNERLESS_AGE) -> Leftovers:
-    """The leftovers of runs that are gone, safe to clean while other runs use the lab concurrently.
-
-    A lab QEMU is stale when the process its name gives is not alive or is not its parent (the lab starts every
-    QEMU itself); a tap when no live process has its owner's pid (modulo 100000) and no live QEMU names it; a
-    folder when none of the owners it names is alive and no live QEMU uses it, or, naming none, when untouched
-    for ``ownerless_age`` seconds."""
-    procs = _processes()
-    pids, taps, dirs = leftovers()
-    qemus = _lab_qemus(procs)
-    stale_qemus = [p for p in pids if p in procs and _orphaned(qemus.get(p), procs[p][0], procs)]
-    in_use = [cmdline for pid, (_, cmdline) in procs.items() if pid in qemus and pid not in stale_qemus]
-    live_mod = {pid % 100000 for pid in procs}
-    stale_taps = [t for t in taps if _tap_owner(t) not in live_mod
-                  and not any(f"ifname={t},".encode() in c for c in in_use)]
-    stale_dirs = []
-    for d in dirs:
-        owners = _folder_owners(Path(d))
-        if any(d.encode() + b"/" in c for c in in_use):
-            continue
-        if owners and not owners & procs.keys():
-            stale_dirs.append(d)
-        elif not owners:
-            with contextlib.suppress(OSError):
-                if time.time() - Path(d).stat().st_mtime > ownerless_age:
-                    stale_dirs.append(d)
-    return stale_qemus, stale_taps, stale_dirs
-
-
-def clean(items: Leftovers) -> list[str]:
-    """Kill these lab QEMUs (SIGKILL, then wait until they are gone), delete these taps and folders; return what
-    was cleaned, one line each. A pid that is no longer a lab QEMU by then is left alone."""
-    pids, taps, dirs = items
-    done = []
-    qemus = _lab_qemus(_processes())
-    killed = []
-    for pid in pids:
-        if pid in qemus:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                done.append(f"killed QEMU {pid} (-name {NAME_PREFIX}{qemus[pid]}-...)")
-    deadline = time.monotonic() + 10
-    while killed and time.monotonic() < deadline:
-        alive = _processes()
-        killed = [p for p in killed if p in alive]
-        time.sleep(0.05)
-    for pid in killed:
-        done.append(f"QEMU {pid} still alive 10 s after SIGKILL")
-    for tap in taps:
-        try:
-            _ip("link", "del", tap)
-            done.append(f"deleted tap {tap}")
-        except LabError as err:
-            done.append(f"could not delete tap {tap}: {err}")
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
-        done.append(f"removed folder {d}" if not os.path.exists(d) else f"could not remove folder {d}")
-    return done
-
-
-def clean_stale() -> list[str]:
-    """Clean what runs that are gone left behind (``stale_leftovers``); return what was cleaned."""
-    return clean(stale_leftovers())
-
-
-def _ip(*args: str) -> None:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10, check=False)
-    if done.returncode != 0:
-        raise LabError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
 @dataclass
@@ -458,7 +233,7 @@ class Lab:
     def _new_tap(self) -> str:
         self._count += 1
         name = f"{TAP_PREFIX}{os.getpid() % 100000}t{self._count}"[:15]
-        _ip("tuntap", "add", "dev", name, "mode", "tap")
+        ip("tuntap", "add", "dev", name, "mode", "tap")
         self._taps.append(name)
         return name
 
@@ -604,7 +379,7 @@ class Lab:
             if tap in self._taps:
                 self._taps.remove(tap)
                 with contextlib.suppress(LabError):
-                    _ip("link", "del", tap)
+                    ip("link", "del", tap)
 
     async def close(self) -> None:
         try:
@@ -619,6 +394,6 @@ class Lab:
         finally:
             for tap in self._taps:
                 with contextlib.suppress(LabError):
-                    _ip("link", "del", tap)
+                    ip("link", "del", tap)
             self._taps.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
