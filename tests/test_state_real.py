@@ -63,3 +63,22 @@ async def test_equal_state_is_read_on_every_version(qlab: Lab, qemu: str) -> Non
     state = dict(verdict.source.nics[0].state)
     assert {k: state.get(k) for k in ("queues", "vectors", "rom", "rx_queue_size", "disable-legacy")} == {
         "queues": "1", "vectors": "4", "rom": "size 262144", "rx_queue_size": "256", "disable-legacy": "off"}
+
+
+async def test_queue_pairs_are_read_and_a_different_count_is_blocked(qlab: Lab) -> None:
+    two = Nic("net0", queues=2, props=(("mq", "on"), ("vectors", "6")))
+    spec = VmSpec(mode="booted", nics=(two,))
+    src, dst = await qlab.start(spec), await qlab.start(spec.destination())
+    same = await precheck(src.address, dst.address)
+    assert same.verdict == "compatible", same.findings
+    assert same.source is not None and dict(same.source.nics[0].state)["queues"] == "2"
+    assert (await qlab.migrate(src, dst)).status == "completed"
+    # mq off on both sides, equal feature bitmaps, only the netdev's queue count differs (max_queue_pairs)
+    src = await qlab.start(VmSpec(mode="booted", nics=(Nic("net0", queues=2, props=(("vectors", "4"),)),)))
+    dst = await qlab.start(VmSpec(nics=(Nic("net0", props=(("vectors", "4"),)),)).destination())
+    verdict = await precheck(src.address, dst.address, lenient=True)
+    assert verdict.verdict == "blocked"
+    assert state_findings(verdict) == [("blocker", "state-differs", "2", "1")]
+    result = await qlab.migrate(src, dst)
+    assert result.status == "failed"
+    assert result.source_running

@@ -85,6 +85,7 @@ class Nic:
     backend: Backend = "tap"
     props: tuple[tuple[str, str], ...] = ()
     driver: str = "virtio-net-pci"
+    queues: int = 1  # tap queue pairs (a multi-queue tap and netdev queues=N when > 1)
 
     @classmethod
     def make(cls, id: str, backend: Backend = "tap", **props: str | bool) -> Nic:
@@ -230,10 +231,10 @@ class Lab:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _new_tap(self) -> str:
+    def _new_tap(self, queues: int = 1) -> str:
         self._count += 1
         name = f"{TAP_PREFIX}{os.getpid() % 100000}t{self._count}"[:15]
-        ip("tuntap", "add", "dev", name, "mode", "tap")
+        ip("tuntap", "add", "dev", name, "mode", "tap", *(["multi_queue"] if queues > 1 else []))
         self._taps.append(name)
         return name
 
@@ -261,7 +262,9 @@ class Lab:
             if nic.backend == "user":
                 argv += ["-netdev", f"user,id={netdev}"]
             else:
-                argv += ["-netdev", f"tap,id={netdev},ifname={taps[self._nic_key(nic, index)]},script=no,downscript=no"]
+                queues = f",queues={nic.queues}" if nic.queues > 1 else ""
+                argv += ["-netdev", f"tap,id={netdev},ifname={taps[self._nic_key(nic, index)]},script=no,"
+                                    f"downscript=no{queues}"]
             props = "".join(f",{k}={v}" for k, v in nic.props)
             mac = f"52:54:00:12:34:{index + 0x10:02x}"
             qdev_id = f",id={nic.id}" if nic.id else ""
@@ -281,7 +284,7 @@ class Lab:
         name = f"{NAME_PREFIX}{os.getpid()}-{self._count}"
         vmdir = self.dir / name
         vmdir.mkdir()
-        taps = {self._nic_key(n, i): self._new_tap() for i, n in enumerate(spec.nics) if n.backend != "user"}
+        taps = {self._nic_key(n, i): self._new_tap(n.queues) for i, n in enumerate(spec.nics) if n.backend != "user"}
         argv = [*self._argv(spec, name, vmdir, taps), *extra_args]
         if rewrite is not None:
             argv = rewrite(argv)
