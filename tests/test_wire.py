@@ -76,6 +76,57 @@ def test_golden_host_capabilities_with_a_bit_above_64() -> None:
     assert encode(record) == vector
 
 
+@pytest.mark.parametrize("bits", [0b1111 << 65, 1 << 255, (1 << 256) - 1, 1 << 68 | 1 << 255 | 1])
+def test_bitmaps_up_to_bit_255(bits: int) -> None:  # QEMU 10.2 uses bits 64-68; the format allows up to 255
+    host = HostCapabilities("h", None, None, None, (("tap", bits), ("user", bits >> 1)))
+    assert decode(encode(host)) == host
+    other = HostCapabilities("g", None, None, None, (("tap", 1),))
+    assert decode(encode(CapabilitySet((host, other)))) == CapabilitySet((host, other))
+    nic = NicReport.make("n", "/p", offered=bits, negotiated=bits, backend_features=bits)
+    vm = VmReport("h", None, None, None, (nic,))
+    assert decode(encode(vm)) == vm
+
+
+def test_bitmaps_above_bit_255_are_refused() -> None:
+    with pytest.raises(ValueError, match="at most 256 bits"):
+        HostCapabilities("h", None, None, None, (("tap", 1 << 256),))
+    with pytest.raises(ValueError, match="at most 256 bits"):
+        NicReport.make("n", "/p", offered=1 << 300)
+    vector = frame("00" "0168" "01" "03746170" "21" + "00" * 32 + "01" "00", rtype=2)  # a 33-byte bitmap: bit 256
+    with pytest.raises(DecodeError, match="over its limit 32") as caught:
+        decode(vector)
+    assert caught.value.field == "offers[0].bitmap"
+
+
+def test_backend_kinds_are_at_most_64_bytes() -> None:
+    for kind in ("k" * 64, "\u00e9" * 32, "\u4e2d" * 21):
+        assert HostCapabilities("h", None, None, None, ((kind, 1),)).offers[0][0] == kind
+    for kind in ("k" * 65, "\u00e9" * 32 + "k", "\u4e2d" * 22):
+        with pytest.raises(ValueError, match="longer than 64 bytes"):
+            HostCapabilities("h", None, None, None, ((kind, 1),))
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        HostCapabilities("h", None, None, None, (("\udc80", 1),))
+    vector = frame("00" "0168" "01" "41" + "6b" * 65 + "0101" "00", rtype=2)
+    with pytest.raises(DecodeError, match="invalid record: backend kind longer than 64 bytes"):
+        decode(vector)
+
+
+def test_a_capability_set_names_each_host_once() -> None:
+    a, b = (HostCapabilities(name, None, None, None, ()) for name in ("a", "b"))
+    assert CapabilitySet((a, b)).hosts == (a, b)
+    with pytest.raises(ValueError, match=r"hosts\[2\]: host 'a' given twice"):
+        CapabilitySet((a, b, a))
+    with pytest.raises(ValueError, match=r"hosts\[1\] has no host name"):
+        CapabilitySet((a, HostCapabilities("", None, None, None, ())))
+    with pytest.raises(TypeError, match="HostCapabilities objects"):
+        CapabilitySet((a, "b"))  # type: ignore[arg-type]
+    assert HostCapabilities("", None, None, None, ()).host == ""  # alone, a record may lack a name
+    with pytest.raises(ValueError, match="offers must be sorted"):
+        HostCapabilities("h", None, None, None, (("user", 1), ("tap", 1)))
+    with pytest.raises(ValueError, match="small ints"):
+        HostCapabilities("h", (10, 0, True), None, None, ())
+
+
 def test_older_reader_skips_extensions_and_newer_minor_versions() -> None:
     # The same VM from a hypothetical version 1.3 writer: an unknown NIC extension (tag 99), two extra NIC
     # bytes after the known fields, and an unknown VM extension (tag 300, a two-byte varint).
@@ -112,6 +163,27 @@ def vm_with(nic_ext: str = "00", vm_ext: str = "00") -> bytes:
 def test_invalid_extension_contents_name_the_field(nic_ext: str, vm_ext: str, error: str) -> None:
     with pytest.raises(DecodeError, match=error):
         decode(vm_with(nic_ext, vm_ext))
+
+
+def nic_with_props(props: str) -> bytes:
+    """GOLDEN_VM_1_1's shape with other properties (hex, count included) and no extensions."""
+    nic = "44" "046e657430" "022f70" "010f" "01" "00" "00" + props + "00" "00"
+    return frame("00" "026831" "01" f"{len(nic) // 2:02x}" + nic + "00" "00")
+
+
+@pytest.mark.parametrize(("props", "error", "field"), [
+    ("01" "046373756d" "02", "catalogue property 'csum' belongs in tri lo/hi", "nics[0].other_props[0].name"),
+    ("02" "027a7a" "01" "0178" "04", "invalid tri-state 4", "nics[0].other_props[1].tri"),
+    ("01" "0178" "00", "invalid tri-state 0", "nics[0].other_props[0].tri"),  # unset is left out, not written
+    ("02" "0178" "01" "0178" "03", "property 'x' given twice", "nics[0].other_props[1]"),
+    ("01" "02ff78" "01", "invalid UTF-8", "nics[0].other_props[0].name"),
+])
+def test_other_properties_are_checked_as_they_are_read(props: str, error: str, field: str) -> None:
+    with pytest.raises(DecodeError, match=error) as caught:
+        decode(nic_with_props(props))
+    assert caught.value.field == field
+    record = decode(nic_with_props("01" "0178" "03"))
+    assert isinstance(record, VmReport) and record.nics[0].properties == (("x", Tri.AUTO),)
 
 
 def test_extension_edge_values() -> None:
@@ -189,11 +261,18 @@ vms = st.builds(lambda host, ver, pkg, mach, nic_list, notes, known, about: VmRe
     st.lists(texts, max_size=3), st.booleans(), st.fixed_dictionaries({}, optional={
         "vm_name": texts, "vm_uuid": texts, "made_at": st.integers(0, (1 << 40) - 1),
         "side": st.sampled_from(SIDES)}))
-hosts = st.builds(lambda host, ver, offers: HostCapabilities(host, ver, None, "q35", tuple(sorted(offers.items()))),
-                  texts, versions, st.dictionaries(texts, st.integers(0, (1 << 128) - 1), max_size=5))
+wide = st.one_of(st.integers(0, (1 << 128) - 1), st.integers(0, (1 << 256) - 1))  # up to MAX_BITMAP_BITS
 
 
-sets = st.builds(lambda hs: CapabilitySet(tuple(hs)), st.lists(hosts, max_size=6))
+def host_caps(names: st.SearchStrategy[str]) -> st.SearchStrategy[HostCapabilities]:
+    return st.builds(lambda host, ver, offers: HostCapabilities(host, ver, None, "q35", tuple(sorted(offers.items()))),
+                     names, versions, st.dictionaries(st.text(max_size=16), wide, max_size=5))  # kinds <= 64 bytes
+
+
+hosts = host_caps(texts)
+# A set names each host once, by a non-empty name.
+sets = st.builds(lambda hs: CapabilitySet(tuple(hs)),
+                 st.lists(host_caps(st.text(min_size=1, max_size=40)), max_size=6, unique_by=lambda h: h.host))
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,8 +12,10 @@ Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import functools
+import operator
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "DERIVABLE",
@@ -30,7 +32,12 @@ __all__ = [
     "parse_tri",
 ]
 
-MAX_BITMAP_BITS = 512  # well above QEMU's VIRTIO_FEATURES_MAX of 128, bounded so hostile input stays small
+# Twice QEMU's VIRTIO_FEATURES_MAX (128 today, bits up to 68 used by QEMU 10.2), and bounded: a bitmap decoded
+# from a few bytes of hostile input (a one-byte XOR against a reference) is a Python int of at most 64 bytes.
+MAX_BITMAP_BITS = 256
+# A backend kind is a QEMU netdev type ("tap", "vhost-user", "vmnet-bridged"): short, so that checking that a
+# host's offers are sorted by kind costs little per offer however the kinds are chosen.
+MAX_KIND_BYTES = 64
 MAX_STRING_BYTES = 1024
 MAX_ITEMS = 256  # NICs per VM, properties per NIC, backends per host, notes per record
 MAX_HOSTS = 20_000  # hosts in one capability set
@@ -252,18 +259,61 @@ def _check_version(version: tuple[int, int, int] | None) -> None:
         raise ValueError(f"qemu_version must be (major, minor, micro) of small ints: {version!r}")
 
 
-@dataclass(frozen=True, slots=True)
-class HostCapabilities(_Side):
-    offers: tuple[tuple[str, int], ...] = field(default=())  # (backend kind, offered bitmap), sorted
+def _utf8_size(value: str) -> int:
+    """The UTF-8 size of a text, -1 if it is not valid Unicode (a lone surrogate)."""
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
 
-    def __post_init__(self) -> None:
-        self._check_side()
-        _check_items("offers", self.offers)
-        kinds = [k for k, _ in self.offers]
-        if kinds != sorted(set(kinds)):
-            raise ValueError("offers must be sorted by backend kind without duplicates")
-        for kind, bitmap in self.offers:
-            _check_str("backend kind", kind)
+
+# The sizes of the non-ASCII texts that a capability set's hosts repeat, remembered (finding one encodes it):
+# a set has at most 256 kinds with a reference, so all of its kinds stay (twice as many kept, each at most 64
+# characters); packages and machine types come from a table of up to 4096 and stay while few alternate.
+_kind_size = functools.lru_cache(maxsize=2 * MAX_ITEMS)(_utf8_size)
+_text_size = functools.lru_cache(maxsize=64)(_utf8_size)
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class HostCapabilities(_Side):
+    offers: tuple[tuple[str, int], ...] = ()  # (backend kind, offered bitmap), sorted by kind
+
+    def __init__(self, host: str, qemu_version: tuple[int, int, int] | None, package: str | None,
+                 machine: str | None, offers: tuple[tuple[str, int], ...] = ()) -> None:
+        # A capability set decodes thousands of these: the fields are set through their slots (as the frozen
+        # dataclass __init__ does, without its lookups), and the common case (ASCII texts, a version of small
+        # ints) is checked inline; anything else goes to the checks that name the problem. A set's hosts share
+        # a few kinds, packages and machine types: a non-ASCII one is measured once (``_kind_size``, ``_text_size``).
+        _set_host(self, host)
+        _set_version(self, qemu_version)
+        _set_package(self, package)
+        _set_machine(self, machine)
+        _set_offers(self, offers)
+        if not (type(host) is str and host.isascii() and len(host) <= MAX_STRING_BYTES):
+            _check_str("host", host)
+        version = qemu_version
+        if version is not None and not (type(version) is tuple and len(version) == 3
+                                        and int is type(version[0]) is type(version[1]) is type(version[2])
+                                        and not (version[0] | version[1] | version[2]) >> 16):
+            _check_version(version)
+        if package is not None and not (type(package) is str and 0 <= (
+                len(package) if package.isascii() else _text_size(package)) <= MAX_STRING_BYTES):
+            _check_str("package", package)
+        if machine is not None and not (type(machine) is str and 0 <= (
+                len(machine) if machine.isascii() else _text_size(machine)) <= MAX_STRING_BYTES):
+            _check_str("machine", machine)
+        if type(offers) is not tuple or len(offers) > MAX_ITEMS:
+            _check_items("offers", offers)
+        last = None
+        for kind, bitmap in offers:
+            if not (type(kind) is str and len(kind) <= MAX_KIND_BYTES
+                    and (kind.isascii() or 0 <= _kind_size(kind) <= MAX_KIND_BYTES)):
+                _check_str("backend kind", kind)
+                raise ValueError(f"backend kind longer than {MAX_KIND_BYTES} bytes: {kind[:MAX_KIND_BYTES]!r}")
+            if last is not None and kind <= last:
+                raise ValueError("offers must be sorted by backend kind without duplicates: "
+                                 f"{kind!r} " + ("given twice" if kind == last else f"after {last!r}"))
+            last = kind
             if type(bitmap) is not int or bitmap < 0 or bitmap.bit_length() > MAX_BITMAP_BITS:
                 _check_bitmap(f"offers[{kind}]", bitmap)  # names the problem (the name is built only then)
 
@@ -271,18 +321,35 @@ class HostCapabilities(_Side):
         return dict(self.offers).get(backend)
 
 
+_name_of = operator.attrgetter("host")
+_set_host, _set_version, _set_package, _set_machine, _set_offers = (
+    getattr(HostCapabilities, name).__set__ for name in ("host", "qemu_version", "package", "machine", "offers"))
+
 
 @dataclass(frozen=True, slots=True)
 class CapabilitySet:
-    """The capability records of many hosts (a cluster's dumps), travelling as one compact record."""
+    """The capability records of many hosts (a cluster's dumps), travelling as one compact record.
+
+    Each host appears once, by a non-empty name: a cluster's dumps name each host once, so two records of one
+    host (or a record of no host) mean the set was put together wrong."""
 
     hosts: tuple[HostCapabilities, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hosts, tuple):
+        hosts = self.hosts
+        if not isinstance(hosts, tuple):
             raise TypeError("hosts must be a tuple")
-        if len(self.hosts) > MAX_HOSTS:
+        if len(hosts) > MAX_HOSTS:
             raise ValueError(f"a capability set holds at most {MAX_HOSTS} hosts")
-        for host in self.hosts:
-            if not isinstance(host, HostCapabilities):
-                raise TypeError("hosts must be HostCapabilities objects")
+        if not set(map(type, hosts)) <= {HostCapabilities} and not all(
+                isinstance(host, HostCapabilities) for host in hosts):
+            raise TypeError("hosts must be HostCapabilities objects")
+        names = set(map(_name_of, hosts))
+        if len(names) != len(hosts) or "" in names:
+            seen: set[str] = set()
+            for i, host in enumerate(hosts):
+                if not host.host:
+                    raise ValueError(f"hosts[{i}] has no host name (each host in a set is named)")
+                if host.host in seen:
+                    raise ValueError(f"hosts[{i}]: host {host.host!r} given twice (each host in a set appears once)")
+                seen.add(host.host)
