@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +38,7 @@ from .builds import (
     before_first_device,
     cache_dir,
     ip,
+    pdeathsig,
     prerequisites,
     qemu_build,
 )
@@ -72,9 +71,6 @@ Mode = Literal["paused", "booted", "incoming"]
 GUEST_READY = "QOH-GUEST-READY"
 DRIVER_OK = 4
 
-def _pdeathsig() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: QEMU dies with us, whatever happens
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +293,7 @@ class Lab:
         (vmdir / "argv").write_text(" ".join(argv) + "\n")
         with open(vmdir / "stderr.log", "wb") as err:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, preexec_fn=_pdeathsig)
+                *argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, preexec_fn=pdeathsig)
         vm = Vm(spec, name, vmdir, argv, proc, taps)
         self.vms.append(vm)
         await self._connect(vm)
