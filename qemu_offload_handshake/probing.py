@@ -108,8 +108,9 @@ def _status_fields(status: object, device: str, notes: list[str]) -> dict[str, A
     return fields
 
 
-_DERIVE_EXTRA = ("host_mtu", "speed", "failover")  # backend properties the derivation needs
-_PROXY_EXTRA = ("disable-modern", "disable-legacy")  # PCI proxy properties the derivation needs
+# The derivation also needs host_mtu and speed (read with the device state, BACKEND_STATE) and the proxy's
+# disable-modern / disable-legacy (PROXY_STATE); only failover is not among them.
+_DERIVE_EXTRA = ("failover",)
 
 
 def _plan(types: dict[str, str], offered: int | None, vhost: bool) -> tuple[dict[str, Tri], list[str]]:
@@ -268,9 +269,6 @@ async def probe_vm(qmp: ReadOnlyQMP, *, host: str, side: str | None = None, deri
             plans.append(_plan(types, fields.get("offered"), bool(fields.get("vhost"))))
     read = await asyncio.gather(*(_read_props(qmp, p, to_read, n) if to_read else _none()
                                   for p, (_, to_read), n in zip(paths, plans, nic_notes, strict=True)))
-    if not batch and not status_safe:  # the derivation needs the PCI transport mode too
-        extra = await asyncio.gather(*(_read_props(qmp, d, list(_PROXY_EXTRA), []) for d in devs))
-        proxies = [p | e for p, e in zip(proxies, extra, strict=True)]
     paths_by_dev = await _dev_paths(qmp, devs, {d: p for d, p in zip(devs, proxies, strict=True) if "parent_bus" in p})
     nics = []
     try:

@@ -142,7 +142,7 @@ class ReadOnlyQMP:
             if all(0 <= v < 1 << 16 for v in version):
                 self.version = version
             package = raw.get("package")
-            self.package = package.strip() or None if isinstance(package, str) else None
+            self.package = (package.strip() or None) if isinstance(package, str) else None
         except (KeyError, TypeError, ValueError, AttributeError):
             self.version = None
 

@@ -26,10 +26,8 @@ from dataclasses import replace
 from .features import (
     BY_BIT,
     BY_PROPERTY,
-    NEEDS_OWN_HASH,
-    NEEDS_TUNNEL,
+    CLEARING_RULES,
     NEEDS_UFO,
-    NEEDS_USO,
     NEEDS_VNET_HDR,
     ONLY_VNET_HDR,
     bits_of,
@@ -46,27 +44,6 @@ __all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "diffe
            "report_warnings", "with_warnings"]
 
 
-# Why QEMU silently cleared a bit, for the "why" sentences: the first group that holds the bit.
-_CAUSES: tuple[tuple[int, str], ...] = (
-    (NEEDS_USO, "its backend has no USO: tap on a host kernel older than Linux 6.2, or vhost-user, vhost-vdpa, "
-                "passt, which QEMU never probes for USO"),
-    (NEEDS_UFO, "its backend has no UFO support"),
-    (NEEDS_TUNNEL, "its backend has no UDP tunnel offload"),
-    (NEEDS_OWN_HASH & ~NEEDS_VNET_HDR, "this QEMU cannot do RSS for this backend (no eBPF RSS)"),
-    (NEEDS_VNET_HDR, "its backend has no virtio-net header (vnet_hdr): -netdev user, or tap with vnet_hdr=off"),
-)
-
-
-# What decides whether QEMU offers a bit that may be cleared (for undetermined bits).
-_DEPENDS: tuple[tuple[int, str], ...] = (
-    (NEEDS_USO, "whether the backend supports USO"),
-    (NEEDS_UFO, "whether the backend supports UFO"),
-    (NEEDS_TUNNEL, "whether the backend supports UDP tunnel offload"),
-    (NEEDS_OWN_HASH & ~NEEDS_VNET_HDR, "whether this QEMU can do RSS for this backend"),
-    (NEEDS_VNET_HDR, "whether the backend has a virtio-net header"),
-)
-
-
 def _lacks(bit: int, nic: NicReport) -> str:
     """Why ``nic`` does not offer ``bit``: a QEMU without the property (too old for the feature) before any
     backend guess."""
@@ -77,9 +54,9 @@ def _lacks(bit: int, nic: NicReport) -> str:
 
 
 def _cause(bit: int, *, known: bool = True) -> str:
-    for mask, why in _CAUSES if known else _DEPENDS:
-        if mask >> bit & 1:
-            return why
+    for rule in CLEARING_RULES:
+        if rule.mask >> bit & 1:
+            return rule.cleared if known else rule.depends
     if not known:
         return "the backend or the PCI transport, which this QEMU cannot report safely"
     return "a machine-type compat property, a property set differently, or a different QEMU build"

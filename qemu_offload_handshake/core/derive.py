@@ -10,11 +10,11 @@ or off (behind a PCIe root port), so it follows the PCI transport, not its legac
 ``in_order``) live on ``VirtIODevice.host_features`` itself (``DEFINE_VIRTIO_COMMON_FEATURES`` in
 ``hw/virtio/virtio.c``), so reading them gives the *effective* bits; the virtio-net properties live on
 ``VirtIONet.host_features`` and keep the *requested* value (``qom-get`` still says ``true`` for a USO that was
-cleared). This module applies QEMU's clearing rules (``CLEARING_RULES``) to the requested bits with what is known
-about the backend, and returns the bits known to be offered plus the bits that may or may not be: a rule whose
-condition is unknown makes its bits undetermined, never assumed.
+cleared). This module applies QEMU's clearing rules (``features.CLEARING_RULES``, the table the decision uses
+too) to the requested bits with what is known about the backend, and returns the bits known to be offered plus
+the bits that may or may not be: a rule whose condition is unknown makes its bits undetermined, never assumed.
 
-Pure logic, no I/O: the shell reads the properties and the backend facts (``probe``, ``hostfacts``).
+Pure logic, no I/O: the shell reads the properties and the backend facts (``probing``, ``hostfacts``).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .features import BY_NAME, BY_PROPERTY, NEEDS_TUNNEL, NEEDS_UFO, NEEDS_USO, NEEDS_VNET_HDR, Kind, mask_of
+from .features import BY_NAME, BY_PROPERTY, CLEARING_RULES, NEEDS_TUNNEL, Kind, mask_of
 from .model import Tri
 
-__all__ = ["CLEARING_RULES", "Backend", "Derived", "backend_of", "derive_offered"]
+__all__ = ["Backend", "Derived", "backend_of", "derive_offered"]
 
 _MAC, _MTU, _STANDBY, _SPEED_DUPLEX = 5, 3, 62, 63
 _BAD_FEATURE, _VERSION_1 = 30, 32
@@ -77,20 +77,10 @@ def backend_of(kind: str | None, *, vnet_hdr: bool | None = None, kernel_ufo: bo
     return Backend(kind)
 
 
-# QEMU's silent clearing (virtio_net_get_features), one row per condition: (bits, what it needs, why).
-CLEARING_RULES: tuple[tuple[int, str, str], ...] = (
-    (NEEDS_VNET_HDR, "vnet_hdr", "the backend's virtio-net header"),
-    (NEEDS_UFO, "ufo", "the backend's UFO support"),
-    (NEEDS_USO, "uso", "the backend's USO support"),
-    (NEEDS_TUNNEL, "tunnel", "the backend's UDP tunnel offload"),
-)
-
-
 @dataclass(frozen=True, slots=True)
 class Derived:
     offered: int  # bits known to be offered
     unknown: int  # bits that may or may not be offered
-    reasons: tuple[str, ...]  # why bits are undetermined, one sentence per cause
 
 
 def derive_offered(props: Mapping[str, Tri], backend: Backend, *, modern: bool | None, pci: bool | None,
@@ -105,35 +95,33 @@ def derive_offered(props: Mapping[str, Tri], backend: Backend, *, modern: bool |
         requested |= 1 << _STANDBY
     if speed >= 0:
         requested |= 1 << _SPEED_DUPLEX
-    known, unknown, reasons = requested, 0, []
-    for bits, fact, what in CLEARING_RULES:
-        value = getattr(backend, fact)
-        hit = known & bits
+    known, unknown = requested, 0
+    for rule in CLEARING_RULES:
+        if rule.fact == "own_hash":
+            continue  # below, with HASH_REPORT
+        value = getattr(backend, rule.fact)
+        hit = known & rule.mask
         if not hit or value is True:
             continue
         known &= ~hit
         if value is None:
             unknown |= hit
-            reasons.append(f"{what} cannot be read safely from this QEMU")
     hash_rss = known & _HASH_RSS
     if hash_rss:  # cleared unless QEMU can hash itself or load eBPF RSS: not readable
         known &= ~hash_rss
         unknown |= hash_rss
-        reasons.append("whether this QEMU can do RSS/hash reports for this backend cannot be read")
     if backend.vhost is not False:
         masked = known & (_KERNEL_VHOST_MASKS if backend.kind == "tap" else ~0) & ~_transport_mask(props)
         masked &= ~(1 << _MAC | 1 << _MTU)
         if masked:
             known &= ~masked
             unknown |= masked
-            reasons.append("whether a vhost backend masks these bits cannot be read safely from this QEMU")
-    for flag, bit, name in ((modern, _VERSION_1, "disable-modern"), (pci, _BAD_FEATURE, "kind")):
+    for flag, bit in ((modern, _VERSION_1), (pci, _BAD_FEATURE)):
         if flag is None:
             unknown |= 1 << bit
-            reasons.append(f"the PCI transport's {name} could not be read")
         elif flag:
             known |= 1 << bit
-    return Derived(known, unknown & ~known, tuple(dict.fromkeys(reasons)))
+    return Derived(known, unknown & ~known)
 
 
 def _transport_mask(props: Mapping[str, Tri]) -> int:

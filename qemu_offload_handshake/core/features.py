@@ -27,6 +27,7 @@ __all__ = [
     "BY_NAME",
     "BY_PROPERTY",
     "CATALOGUE",
+    "CLEARING_RULES",
     "MAX_BITS",
     "NEEDS_OWN_HASH",
     "NEEDS_TUNNEL",
@@ -35,6 +36,7 @@ __all__ = [
     "NEEDS_VNET_HDR",
     "ONLY_VNET_HDR",
     "SILENTLY_CLEARED",
+    "ClearingRule",
     "Feature",
     "Kind",
     "bits_of",
@@ -152,6 +154,31 @@ NEEDS_TUNNEL = _mask("GUEST_UDP_TUNNEL_GSO", "GUEST_UDP_TUNNEL_GSO_CSUM", "HOST_
 NEEDS_OWN_HASH = _mask("HASH_REPORT", "RSS")
 NEEDS_VNET_HDR = ONLY_VNET_HDR | NEEDS_UFO | NEEDS_USO | NEEDS_TUNNEL | _mask("HASH_REPORT")
 SILENTLY_CLEARED = NEEDS_VNET_HDR | NEEDS_OWN_HASH
+
+
+@dataclass(frozen=True, slots=True)
+class ClearingRule:
+    """One condition under which QEMU silently clears bits (virtio_net_get_features)."""
+
+    mask: int  # the bits it clears
+    fact: str  # the backend fact it needs (a field of derive.Backend; "own_hash": this QEMU's own RSS/hash)
+    cleared: str  # why a side does not offer such a bit (for the decision's sentences)
+    depends: str  # what decides whether such a bit is offered (for undetermined bits)
+
+
+# The one table of QEMU's silent clearing, used by the derivation (probe side) and the decision. Most specific
+# first: a USO bit is also a header bit, and its cause is the first row that holds it.
+CLEARING_RULES: tuple[ClearingRule, ...] = (
+    ClearingRule(NEEDS_USO, "uso", "its backend has no USO: tap on a host kernel older than Linux 6.2, or "
+                 "vhost-user, vhost-vdpa, passt, which QEMU never probes for USO", "whether the backend supports USO"),
+    ClearingRule(NEEDS_UFO, "ufo", "its backend has no UFO support", "whether the backend supports UFO"),
+    ClearingRule(NEEDS_TUNNEL, "tunnel", "its backend has no UDP tunnel offload",
+                 "whether the backend supports UDP tunnel offload"),
+    ClearingRule(NEEDS_OWN_HASH & ~NEEDS_VNET_HDR, "own_hash", "this QEMU cannot do RSS for this backend (no eBPF RSS)",
+                 "whether this QEMU can do RSS for this backend"),
+    ClearingRule(NEEDS_VNET_HDR, "vnet_hdr", "its backend has no virtio-net header (vnet_hdr): -netdev user, or tap "
+                 "with vnet_hdr=off", "whether the backend has a virtio-net header"),
+)
 
 
 def bits_of(bitmap: int) -> Iterator[int]:
