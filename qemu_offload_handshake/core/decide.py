@@ -41,7 +41,7 @@ from .rules import Mode, Severity, severity_of
 from .verdict import RANK, Collector, Finding, Outcome, Verdict, outcome_of
 
 __all__ = ["Finding", "Mode", "Outcome", "Severity", "Verdict", "decide", "different_vms", "has_negotiated",
-           "report_warnings", "with_warnings"]
+           "report_warnings", "with_findings", "with_warnings"]
 
 
 def _lacks(bit: int, nic: NicReport) -> str:
@@ -263,6 +263,16 @@ def with_warnings(verdict: Verdict, warnings: Iterable[tuple[str, str]]) -> Verd
     extra = tuple(Finding("", severity_of(code, verdict.mode), code, why) for code, why in warnings)
     findings = tuple(sorted(verdict.findings + extra, key=lambda f: (RANK[f.severity], f.device, f.bit or -1)))
     return replace(verdict, findings=findings)
+
+
+def with_findings(verdict: Verdict, found: Iterable[tuple[str, str, str]]) -> Verdict:
+    """The verdict with more findings (``(device, code, sentence)``), its outcome decided again from all of them."""
+    extra = tuple(Finding(device, severity_of(code, verdict.mode), code, why) for device, code, why in found)
+    findings = tuple(sorted(verdict.findings + extra, key=lambda f: (RANK[f.severity], f.device, f.bit or -1)))
+    outcome = outcome_of(findings)
+    return replace(verdict, outcome=outcome, findings=findings,
+                   adjustments=verdict.adjustments if outcome is Outcome.ADJUSTABLE else {},
+                   recommendations=verdict.recommendations if outcome is not Outcome.BLOCKED else {})
 
 
 def report_warnings(source: VmReport, dest: VmReport, *, now: int, max_age: int,

@@ -64,6 +64,10 @@ RULES: dict[str, Rule] = {
     "silently-off": Rule(_W, _W, "a property is on but QEMU silently does not offer its feature"),
     "negotiation-pending": Rule(_W, _W, "the driver has not negotiated yet and may still do so"),
     "derived": Rule(_I, _I, "facts were derived from safe reads, not read (x-query-virtio-status unsafe)"),
+    # a destination predicted from its host's dump (precheck --dest-dump)
+    "predicted": Rule(_I, _I, "the destination was predicted from its host's dump, not probed"),
+    "dest-cannot-run": Rule(_B, _B, "the destination host cannot run this machine type or backend (its dump)"),
+    "predicted-property-absent": Rule(_W, _W, "a property on at the source does not exist on the destination's QEMU"),
     # policy
     "policy-on": Rule(_B, _B, "policy requires a feature a side does not offer"),
     "policy-off": Rule(_A, _A, "policy requires a feature off: turned off on the destination"),

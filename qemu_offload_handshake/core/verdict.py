@@ -46,6 +46,8 @@ class Verdict:
     source: VmReport | None = None
     dest: VmReport | None = None
     pairs: tuple[tuple[str | None, str | None], ...] = ()  # (source key, destination key) as QEMU pairs them
+    predicted: tuple[str, ...] = ()  # destination facts predicted from a host dump instead of probed
+    predicted_from: str | None = None  # which dump, in words
 
     @property
     def verdict(self) -> str:
