@@ -18,6 +18,11 @@ libraries (qemu.qmp, construct) are converted where they enter, with ``raise ...
      |    +-- CommandError            QEMU answered a command with an error
      |    +-- CommandNotAllowedError  a command outside the read-only allowlist was about to be sent
      |         +-- UnsafeCommandError  a command known to crash this QEMU version was about to be sent
+     +-- ScratchError            a throwaway QEMU of our own (scratch.py) could not be started or read
+     |    +-- MachineTypeError        that QEMU has no such machine type
+     |    +-- BackendUnavailableError a NIC backend cannot be made here (no /dev/vhost-net, no tap rights, no slirp)
+     |    +-- CommandLineError        QEMU refused the command line (its stderr is quoted)
+     |    +-- ScratchTimeoutError     a step of its start missed its deadline (e.g. no QMP greeting in time)
      +-- UsageError              bad arguments, address or policy file
 """
 
@@ -25,15 +30,20 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BackendUnavailableError",
     "CommandError",
+    "CommandLineError",
     "CommandNotAllowedError",
     "ConnectError",
     "DecodeError",
     "EncodeError",
     "HandshakeError",
+    "MachineTypeError",
     "ProbeError",
     "QMPTimeoutError",
     "ReplyError",
+    "ScratchError",
+    "ScratchTimeoutError",
     "UnsafeCommandError",
     "UnsupportedVersionError",
     "UsageError",
@@ -102,6 +112,41 @@ class CommandNotAllowedError(ProbeError):
 
 class UnsafeCommandError(CommandNotAllowedError):
     """A command that ``quirks.KNOWN_CRASHES`` lists for this QEMU version was about to be sent; it was not sent."""
+
+
+class ScratchError(HandshakeError):
+    """A throwaway QEMU of our own (``scratch.py``) could not be started, read or ended. ``stderr`` is what that
+    QEMU printed (empty when it printed nothing or never ran)."""
+
+    def __init__(self, message: str, *, stderr: str = "") -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
+class MachineTypeError(ScratchError):
+    """That QEMU has no such machine type (it exits with "unsupported machine type")."""
+
+    def __init__(self, message: str, *, machine: str, stderr: str = "") -> None:
+        super().__init__(message, stderr=stderr)
+        self.machine = machine
+
+
+class BackendUnavailableError(ScratchError):
+    """A NIC backend cannot be made on this host: no /dev/vhost-net, no right to create a tap, no slirp, ...
+    ``backend`` is the backend kind (``tap``, ``tap-vhost``, ``user``), ``nic`` the NIC's id."""
+
+    def __init__(self, message: str, *, backend: str, nic: str | None = None, stderr: str = "") -> None:
+        super().__init__(message, stderr=stderr)
+        self.backend = backend
+        self.nic = nic
+
+
+class CommandLineError(ScratchError):
+    """QEMU refused the command line (an unknown property or device, a bad value, ...); the message quotes it."""
+
+
+class ScratchTimeoutError(ScratchError):
+    """A step of a throwaway QEMU's start did not finish by its deadline (no QMP greeting in time)."""
 
 
 class UsageError(HandshakeError):

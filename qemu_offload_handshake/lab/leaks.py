@@ -13,11 +13,15 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .. import scratch
 from .builds import NAME_PREFIX, TAP_PREFIX, LabError, ip
 
 Leftovers = tuple[list[int], list[str], list[str]]  # lab QEMU pids, lab tap names, lab/test folders
-_OWNER_PID = re.compile(rf"{re.escape(NAME_PREFIX)}(\d+)(?:-|$)")  # QEMU -name and VM folders: qoh-lab-<pid>-N
-_TAP_OWNER = re.compile(rf"{re.escape(TAP_PREFIX)}(\d{{1,5}})t\d+")  # taps: qoh<pid % 100000>t<N>
+# QEMUs the lab starts (-name qoh-lab-<pid>-N) and scratch QEMUs (scratch.py: -name qoh-scratch-<pid>-N)
+_NAMES = (NAME_PREFIX, scratch.NAME_PREFIX)
+_OWNER_PID = re.compile(rf"(?:{'|'.join(map(re.escape, _NAMES))})(\d+)(?:-|$)")  # their -name and VM folders
+# taps: the lab's qoh<pid % 100000>t<N>, scratch QEMUs' qoh<pid % 100000>s<N>
+_TAP_OWNER = re.compile(rf"{re.escape(TAP_PREFIX)}(\d{{1,5}})[t{scratch.TAP_INFIX}]\d+")
 _FOLDER_OWNER = re.compile(r"qoh-[a-z]+-(\d+)-")  # folders that name their owner: qoh-fake-<pid>-...
 OWNERLESS_AGE = 3600.0  # a qoh-* folder that names no owner is stale once untouched this long (seconds)
 
@@ -40,10 +44,11 @@ def _processes() -> dict[int, tuple[int, bytes]]:
 
 
 def _lab_qemus(procs: Mapping[int, tuple[int, bytes]]) -> dict[int, int | None]:
-    """Live lab QEMUs: pid -> the owner pid named by their ``-name qoh-lab-<pid>-N`` (None: names none)."""
+    """Live lab and scratch QEMUs: pid -> the owner pid named by their ``-name qoh-lab-<pid>-N`` or
+    ``qoh-scratch-<pid>-N`` (None: names none)."""
     qemus: dict[int, int | None] = {}
     for pid, (_, cmdline) in procs.items():
-        if NAME_PREFIX.encode() not in cmdline or b"qemu-system" not in cmdline:
+        if not any(n.encode() in cmdline for n in _NAMES) or b"qemu-system" not in cmdline:
             continue
         args = cmdline.split(b"\0")
         names = [args[i + 1].decode(errors="replace") for i, arg in enumerate(args[:-1]) if arg == b"-name"]
