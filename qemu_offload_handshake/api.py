@@ -13,7 +13,9 @@ import math
 from .core.decide import Mode, Verdict, decide
 from .core.errors import HandshakeError, UsageError
 from .core.model import VmReport
+from .core.platform import HostDump
 from .core.policy import Policy
+from .core.predict import decide_from_dump
 from .probing import probe_vm
 from .qmp import ReadOnlyQMP, describe, parse_address
 
@@ -38,15 +40,30 @@ async def _side(address: str, name: str, timeout: float) -> tuple[VmReport | Non
         return None, f"the {name} could not be probed: {err}"
 
 
-async def precheck(source: str, dest: str, *, lenient: bool = False, policy: Policy | None = None,
-                   timeout: float = 5.0) -> Verdict:
+async def precheck(source: str, dest: str | None = None, *, dest_dump: HostDump | None = None,
+                   lenient: bool = False, policy: Policy | None = None, timeout: float = 5.0) -> Verdict:
     """Probe ``source`` and ``dest`` (QMP addresses) concurrently and decide. Never raises for an unreachable or
     hung QEMU, or for any reply QEMU gives: that is an ``unknown`` verdict with the reason. Bad addresses and a
-    timeout that is not a positive finite number raise ``UsageError``."""
+    timeout that is not a positive finite number raise ``UsageError``.
+
+    With ``dest_dump`` instead of ``dest`` (no destination QEMU exists yet), the destination is predicted from
+    its host's dump as if started with the source's command line (``core.predict``); the verdict lists the
+    predicted facts (``Verdict.predicted``) and the dump (``Verdict.predicted_from``)."""
+    if (dest is None) == (dest_dump is None):
+        raise UsageError("give either dest (a QMP address) or dest_dump (a host dump), not both or neither")
     parse_address(source)
-    parse_address(dest)
+    if dest is not None:
+        parse_address(dest)
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    mode = Mode.LENIENT if lenient else Mode.STRICT
+    if dest_dump is not None:
+        if not isinstance(dest_dump, HostDump):
+            raise UsageError(f"dest_dump must be a HostDump, not {type(dest_dump).__name__}")
+        src, problem = await _side(source, "source", timeout)
+        if src is None:
+            return decide(None, None, mode=mode, policy=policy, problems=[problem or "the source was not probed"])
+        return decide_from_dump(src, dest_dump, mode=mode, policy=policy)
+    assert dest is not None
     (src, p1), (dst, p2) = await asyncio.gather(_side(source, "source", timeout), _side(dest, "destination", timeout))
-    return decide(src, dst, mode=Mode.LENIENT if lenient else Mode.STRICT, policy=policy,
-                  problems=[p for p in (p1, p2) if p])
+    return decide(src, dst, mode=mode, policy=policy, problems=[p for p in (p1, p2) if p])

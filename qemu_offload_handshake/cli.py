@@ -1,4 +1,5 @@
-"""``python -m qemu_offload_handshake``: precheck, probe, decode, check, adjust-argv, demo.
+"""``python -m qemu_offload_handshake``: precheck, probe, decode, check, adjust-argv, dump-host, baseline,
+check-host, demo.
 
 Exit codes: 0 compatible, 1 blocked, 2 usage error (bad arguments, address, policy or input file),
 3 adjustable, 4 unknown (a QEMU could not be read).
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import cli_cluster
 from .api import precheck, probe
 from .core.argv import apply_adjustments, check_adjustments
 from .core.decide import Mode, Verdict, decide, different_vms, report_warnings, with_warnings
@@ -145,7 +147,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("precheck", help="probe both QEMUs over QMP and decide")
     p.add_argument("--source", required=True, metavar="ADDR", help="unix:/path, a path, or tcp:HOST:PORT")
-    p.add_argument("--dest", required=True, metavar="ADDR")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--dest", metavar="ADDR", help="the destination QEMU's QMP address")
+    dest.add_argument("--dest-dump", metavar="FILE",
+                      help="no destination QEMU yet: predict it from its host's dump (dump-host)")
+    p.add_argument("--key-file", metavar="FILE", help="with --dest-dump: require a valid HMAC made with this key")
     p.add_argument("--timeout", type=_timeout, default=5.0, metavar="S",
                    help="timeout of each QMP call (default 5)")
     _decision_args(p)
@@ -174,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                    help='{"net0": {"host_uso": "off"}} or a precheck --json output (file or text); a blocked '
                         'or unknown verdict exits 1 or 4 with its reasons')
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- followed by the QEMU command line")
+    cli_cluster.add_parsers(sub, _host, _timeout)
     sub.add_parser("demo", help="start local QEMU pairs and show compatible, adjustable and blocked cases")
     return parser
 
@@ -248,9 +255,12 @@ def _check_out(out: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "precheck":
-        verdict = asyncio.run(precheck(args.source, args.dest, lenient=args.lenient, policy=_policy(args),
-                                       timeout=args.timeout))
+        dump = cli_cluster.read_dump(args.dest_dump, _key(args)) if args.dest_dump else None
+        verdict = asyncio.run(precheck(args.source, args.dest, dest_dump=dump, lenient=args.lenient,
+                                       policy=_policy(args), timeout=args.timeout))
         return _print_verdict(verdict, args.json)
+    if args.command in cli_cluster.COMMANDS:
+        return cli_cluster.run(args)
     if args.command == "probe":
         key = _key(args)  # a bad key or output file never costs a probe
         _check_out(args.out)

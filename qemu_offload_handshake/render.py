@@ -6,6 +6,8 @@ from typing import Any
 
 from .core.decide import Finding, Verdict
 from .core.model import CapabilitySet, HostCapabilities, NicReport, VmReport
+from .core.platform import Baseline, HostDump
+from .render_platform import baseline_json, dump_json
 
 __all__ = ["EXIT_CODES", "report_json", "verdict_json", "verdict_table"]
 
@@ -41,6 +43,7 @@ def verdict_json(v: Verdict) -> dict[str, Any]:
         "devices": [_device(v, src, dst) for src, dst in pairs],
         "adjustments": v.adjustments,
         "recommendations": v.recommendations,
+        "dest_predicted": {"from": v.predicted_from, "facts": list(v.predicted)} if v.predicted else None,
     }
 
 
@@ -76,6 +79,10 @@ def report_json(r: Any) -> dict[str, Any]:
         return {"type": "host", **(_side(r) or {}), "offers": {k: hex(b) for k, b in r.offers}}
     if isinstance(r, CapabilitySet):
         return {"type": "set", "hosts": [report_json(h) for h in r.hosts]}
+    if isinstance(r, HostDump):
+        return dump_json(r)
+    if isinstance(r, Baseline):
+        return baseline_json(r)
     raise TypeError(f"not a record: {type(r).__name__}")
 
 
@@ -87,6 +94,8 @@ def _short(f: Finding) -> str:
 def verdict_table(v: Verdict) -> str:
     """A short table: findings that differ only in their feature share one row."""
     lines = [f"verdict: {v.verdict.upper()}  ({v.mode.value} mode)"]
+    if v.predicted_from:
+        lines.append(f"  destination predicted from {v.predicted_from}")
     for name, report in (("source", v.source), ("dest", v.dest)):
         if report is not None:
             version = ".".join(map(str, report.qemu_version)) if report.qemu_version else "?"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from qemu_offload_handshake.core.baseline import check_host, compat_profile, causes, extend, merge
+from qemu_offload_handshake.core.baseline import causes, check_host, compat_profile, extend, merge
 from qemu_offload_handshake.core.errors import UsageError
 from qemu_offload_handshake.core.features import BY_PROPERTY, NEEDS_TUNNEL, NEEDS_USO, NEEDS_VNET_HDR, mask_of
 from qemu_offload_handshake.core.model import NicReport, Tri, VmReport

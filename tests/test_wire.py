@@ -25,6 +25,7 @@ from qemu_offload_handshake.core.model import (
     Tri,
     VmReport,
 )
+from qemu_offload_handshake.core.wire import FORMAT_MINOR
 
 
 def frame(body_hex: str, *, major: int = 1, minor: int = 1, rtype: int = 1) -> bytes:
@@ -50,7 +51,8 @@ VM_EXT_1_1 = ("04" "010403776562"  # 4 extensions: name "web"
               "0225" "24" "31623465323862612d326661312d313164322d383833662d303031366433636361343237"  # UUID
               "0305" "80e2cfaa06"  # made at 1700000000
               "040102")  # side: destination
-GOLDEN_VM_1_1 = frame("00" "026831" "01" "18" + NIC_1_1 + "00" + VM_EXT_1_1)
+VM_BODY_1_1 = "00" "026831" "01" "18" + NIC_1_1 + "00" + VM_EXT_1_1
+GOLDEN_VM_1_1 = frame(VM_BODY_1_1)
 VM_1_1 = VmReport("h1", None, None, None, (
     NicReport.make("net0", "/p", offered=0x0F, vnet_hdr=True, offered_unknown=0x30, derived=("offered", "vnet_hdr")),),
     vm_name="web", vm_uuid="1b4e28ba-2fa1-11d2-883f-0016d3cca427", made_at=1_700_000_000, side="dest")
@@ -58,22 +60,23 @@ VM_1_1 = VmReport("h1", None, None, None, (
 
 def test_golden_vector_from_the_spec_document() -> None:
     assert decode(GOLDEN_VM) == VM  # a 1.0 record still decodes
-    assert encode(VM) == frame(VM_BODY)  # a 1.1 writer: the same body, minor version 1
+    assert FORMAT_MINOR == 2
+    assert encode(VM) == frame(VM_BODY, minor=2)  # a 1.2 writer: the same body, minor version 2
     assert decode(frame(VM_BODY)) == VM
 
 
 def test_golden_vector_1_1_from_the_spec_document() -> None:
     assert len(GOLDEN_VM_1_1) == 12 + 87 + 4
     assert decode(GOLDEN_VM_1_1) == VM_1_1
-    assert encode(VM_1_1) == GOLDEN_VM_1_1
+    assert encode(VM_1_1) == frame(VM_BODY_1_1, minor=2)  # a 1.2 writer: the same body
 
 
 def test_golden_host_capabilities_with_a_bit_above_64() -> None:
     # present 0, host "h", offers: 1 x ("tap", bit 65 | bit 0), no extensions
-    vector = frame("00" "0168" "01" "03746170" "09" "010000000000000002" "00", rtype=2)
+    body = "00" "0168" "01" "03746170" "09" "010000000000000002" "00"
     record = HostCapabilities("h", None, None, None, (("tap", 1 << 65 | 1),))
-    assert decode(vector) == record
-    assert encode(record) == vector
+    assert decode(frame(body, rtype=2)) == record
+    assert encode(record) == frame(body, rtype=2, minor=2)
 
 
 @pytest.mark.parametrize("bits", [0b1111 << 65, 1 << 255, (1 << 256) - 1, 1 << 68 | 1 << 255 | 1])
@@ -351,13 +354,13 @@ def test_non_bytes_input_is_a_decode_error() -> None:
 
 def test_golden_capability_set_shares_strings_and_xors_bitmaps() -> None:
     # strings ["tap", "q35"], no versions, ref tap = 0x0f; host "a" offers 0x0f (xor 0), host "b" 0x0d (xor 2)
-    vector = frame("02" "03746170" "03713335" "00" "01" "00" "010f"
-                   "02" "04" "0161" "01" "01" "00" "00"  # 2 hosts; machine = string 1, 1 offer: tap xor 0
-                   "04" "0162" "01" "01" "00" "0102" "00", rtype=3)
+    body = ("02" "03746170" "03713335" "00" "01" "00" "010f"
+            "02" "04" "0161" "01" "01" "00" "00"  # 2 hosts; machine = string 1, 1 offer: tap xor 0
+            "04" "0162" "01" "01" "00" "0102" "00")
     record = CapabilitySet((HostCapabilities("a", None, None, "q35", (("tap", 0x0F),)),
                             HostCapabilities("b", None, None, "q35", (("tap", 0x0D),))))
-    assert decode(vector) == record
-    assert encode(record) == vector
+    assert decode(frame(body, rtype=3)) == record
+    assert encode(record) == frame(body, rtype=3, minor=2)
     out_of_table = frame("02" "03746170" "03713335" "00" "01" "00" "010f" "01" "04" "0161" "07" "01" "00" "00" "00",
                          rtype=3)
     with pytest.raises(DecodeError, match="index 7 outside"):

@@ -14,8 +14,9 @@ Frozen value objects, validated when they are made; nothing here does I/O. The m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .model import MAX_ITEMS, Tri, _check_bitmap, _check_items, _check_str, _check_version
+from .model import MAX_ITEMS, MAX_STRING_BYTES, Tri, _check_bitmap, _check_items, _check_str, _check_version
 
 __all__ = [
     "MAX_DUMP_OFFERS",
@@ -43,13 +44,59 @@ def _check_sorted(name: str, keys: list[object]) -> None:
         raise ValueError(f"{name} must be sorted without duplicates: {keys!r:.200}")
 
 
+# Tables already checked, by identity and kind: a cluster's dumps share a few (a decoder makes each of them once
+# and hands out the same tuple), so checking one again costs a lookup. Only tuples of tuples are kept (a tuple of
+# pairs of texts and Tris cannot change), and being kept here keeps one alive, so its id stays its own.
+_CHECKED: dict[tuple[str, int], tuple[object, ...]] = {}
+
+
+def _seen(kind: str, items: tuple[object, ...]) -> bool:
+    return _CHECKED.get((kind, id(items))) is items
+
+
+def _remember(kind: str, items: tuple[object, ...]) -> None:
+    if type(items) is tuple and set(map(type, items)) <= {tuple}:
+        if len(_CHECKED) >= 256:
+            _CHECKED.clear()
+        _CHECKED[kind, id(items)] = items
+
+
+def _short_texts(texts: list[str]) -> bool:
+    """Whether every one is ASCII text of at most MAX_STRING_BYTES (what ``_check_str`` passes), checked in bulk:
+    a dump's tables hold about 40 properties per machine type, and a decoder makes thousands of dumps."""
+    try:
+        joined = "".join(texts)
+    except TypeError:
+        return False
+    return joined.isascii() and (not texts or max(map(len, texts)) <= MAX_STRING_BYTES)
+
+
+def _check_properties(items: tuple[tuple[str, str], ...]) -> None:
+    if _seen("properties", items):
+        return
+    _check_items("properties", items)
+    names: list[Any] = [k for k, _ in items]
+    _check_sorted("properties", names)
+    if not (_short_texts(names) and _short_texts([kind for _, kind in items])):  # else named below
+        for name, kind in items:
+            _check_str("property name", name)
+            _check_str(f"property {name} type", kind)
+    _remember("properties", items)
+
+
 def _check_tris(name: str, items: tuple[tuple[str, Tri], ...]) -> None:
+    if _seen("tris", items):
+        return
     _check_items(name, items)
-    _check_sorted(name, [k for k, _ in items])
-    for prop, tri in items:
-        _check_str(f"{name} name", prop)
-        if not isinstance(tri, Tri) or tri is Tri.UNSET:
-            raise ValueError(f"{name} {prop}: {tri!r} is not off/on/auto")
+    names: list[Any] = [k for k, _ in items]
+    _check_sorted(name, names)
+    tris = [tri for _, tri in items]
+    if not (_short_texts(names) and set(map(type, tris)) <= {Tri} and Tri.UNSET not in tris):  # else named below
+        for prop, tri in items:
+            _check_str(f"{name} name", prop)
+            if not isinstance(tri, Tri) or tri is Tri.UNSET:
+                raise ValueError(f"{name} {prop}: {tri!r} is not off/on/auto")
+    _remember("tris", items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +188,7 @@ class HostDump:
         _check_str("binary", self.binary, optional=True)
         _check_str("default_machine", self.default_machine, optional=True)
         _check_time("made_at", self.made_at)
-        _check_items("properties", self.properties)
-        _check_sorted("properties", [k for k, _ in self.properties])
-        for name, kind in self.properties:
-            _check_str("property name", name)
-            _check_str(f"property {name} type", kind)
+        _check_properties(self.properties)
         _check_items("machines", self.machines)
         for machine in self.machines:
             if not isinstance(machine, MachineOffers):
@@ -192,11 +235,12 @@ class BaselineHost:
         if not self.host:
             raise ValueError("a baseline host needs a name")
         _check_str("kernel", self.kernel)
+        if self.qemu_version is None:
+            raise ValueError("a baseline host needs the QEMU version")
         _check_version(self.qemu_version)
         _check_str("package", self.package, optional=True)
         _check_time("made_at", self.made_at)
-        _check_items("properties", self.properties)
-        _check_sorted("properties", [k for k, _ in self.properties])
+        _check_properties(self.properties)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +267,7 @@ class BaselineEntry:
             _check_items_big(name, getattr(self, name))
         _check_sorted("hosts", list(self.hosts))
         _check_sorted("removed hosts", [h for h, _ in self.removed])
+        _check_sorted("undetermined hosts", [h for h, _ in self.undetermined])
         _check_sorted("missing hosts", [h for h, _ in self.missing])
         if set(self.hosts) & {h for h, _ in self.missing}:
             raise ValueError(f"{self.machine}/{self.backend}: a host is both in and missing")

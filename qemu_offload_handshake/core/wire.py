@@ -5,10 +5,11 @@
 the input, and bounds every length and count before it allocates, so memory stays proportional to the input.
 
 This module is the frame (header, CRC-32, HMAC); the bodies are the compiled construct layouts of
-``wire_records``, whose leaves are the checked leaves of ``wire_layout`` (never construct's own, which trust
-their input). Decoding is one pass over the body: each NIC, host and offer is checked and turned into model
-objects as it is read (a backend kind, NIC or host given twice is refused when it is read), a failure names its
-field (``nics[1].offered_unknown``) without parsing again, and bytes left after the body's fields are an error.
+``wire_records`` (types 1-3) and ``wire_platform`` (4 host dump and 5 baseline, since 1.2), whose leaves are the
+checked leaves of ``wire_layout`` (never construct's own, which trust their input). Decoding is one pass over the
+body: each NIC, host and offer is checked and turned into model objects as it is read (a backend kind, NIC or host
+given twice is refused when it is read), a failure names its field (``nics[1].offered_unknown``) without parsing
+again, and bytes left after the body's fields are an error.
 Time and memory are proportional to the input; ``benchmarks/bench_wire.py`` measures hostile input against
 valid input of the same size.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import struct
 import zlib
 
 import construct as cs
@@ -25,7 +27,11 @@ import construct as cs
 from . import wire_layout as wl
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
 from .model import CapabilitySet, HostCapabilities, VmReport
-from .wire_records import COMPILED, MAX_RECORD_BYTES, body_obj
+from .platform import Baseline, HostDump
+from .wire_platform import COMPILED as PLATFORM_COMPILED
+from .wire_platform import body_obj as platform_body_obj
+from .wire_records import COMPILED as RECORD_COMPILED
+from .wire_records import MAX_RECORD_BYTES, body_obj
 
 __all__ = [
     "FORMAT_MAJOR",
@@ -39,33 +45,27 @@ __all__ = [
 
 MAGIC = b"QOHS"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2  # 1.1: VM and NIC extensions; 1.2: record types 4 (host dump) and 5 (baseline)
 FLAG_HMAC = 0x01
 HEADER_SIZE, CRC_SIZE, MAC_SIZE = 12, 4, 32
 
-Record = VmReport | HostCapabilities | CapabilitySet
+Record = VmReport | HostCapabilities | CapabilitySet | HostDump | Baseline
+COMPILED = RECORD_COMPILED | PLATFORM_COMPILED  # record type -> body layout
 
-_U8 = wl.Uint(1)
-_Header = cs.Struct(
-    "magic" / wl.Uint(4),
-    "major" / _U8,
-    "minor" / _U8,
-    "type" / _U8,
-    "flags" / _U8,
-    "length" / wl.Uint(4),
-)
+# The fixed 12-byte header, read only once the input has 12 bytes: magic, major, minor, type, flags, length
+# (struct rather than a construct Struct: its Container cost a third of decoding a small record).
+_HEADER = struct.Struct(">IBBBBI")
 _MAGIC_INT = int.from_bytes(MAGIC, "big")
-_HEADER = wl.compile_layout(_Header)
 
 
 # ------------------------------------------------------------------------------------------------ encode
 
 def encode(record: Record, *, key: bytes | None = None) -> bytes:
     """The wire bytes of a record; signed with HMAC-SHA256 when ``key`` is given."""
-    typed = body_obj(record)
+    typed = body_obj(record) or platform_body_obj(record)
     if typed is None:
-        raise EncodeError(f"cannot encode {type(record).__name__}: expected a VmReport, HostCapabilities or "
-                          "CapabilitySet")
+        raise EncodeError(f"cannot encode {type(record).__name__}: expected a VmReport, HostCapabilities, "
+                          "CapabilitySet, HostDump or Baseline")
     rtype, obj = typed
     if key is not None and not key:
         raise EncodeError("an empty HMAC key signs nothing")
@@ -108,21 +108,21 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
     data = bytes(data)
     if len(data) < HEADER_SIZE:
         raise DecodeError(f"truncated: {len(data)} bytes, a header alone is {HEADER_SIZE}", offset=len(data))
-    header = _HEADER.parse(data[:HEADER_SIZE])
-    if header.magic != _MAGIC_INT:
+    magic, major, minor, rtype, flags, length = _HEADER.unpack_from(data)
+    if magic != _MAGIC_INT:
         raise DecodeError(f"not a qemu-offload-handshake record (magic {data[:4]!r})", offset=0, field="magic")
-    if header.major != FORMAT_MAJOR:
+    if major != FORMAT_MAJOR:
         raise UnsupportedVersionError(
-            f"unsupported version {header.major}.{header.minor}: this reader knows major version {FORMAT_MAJOR}",
+            f"unsupported version {major}.{minor}: this reader knows major version {FORMAT_MAJOR}",
             offset=4, field="version")
-    if header.type not in COMPILED:
-        raise DecodeError(f"unknown record type {header.type}", offset=6, field="type")
-    if header.flags & ~FLAG_HMAC:
-        raise DecodeError(f"unknown flags {header.flags:#x}", offset=7, field="flags")
-    if header.length > MAX_RECORD_BYTES:
-        raise DecodeError(f"body length {header.length} exceeds {MAX_RECORD_BYTES}", offset=8, field="length")
-    signed = bool(header.flags & FLAG_HMAC)
-    end = HEADER_SIZE + header.length + CRC_SIZE
+    if rtype not in COMPILED:
+        raise DecodeError(f"unknown record type {rtype}", offset=6, field="type")
+    if flags & ~FLAG_HMAC:
+        raise DecodeError(f"unknown flags {flags:#x}", offset=7, field="flags")
+    if length > MAX_RECORD_BYTES:
+        raise DecodeError(f"body length {length} exceeds {MAX_RECORD_BYTES}", offset=8, field="length")
+    signed = bool(flags & FLAG_HMAC)
+    end = HEADER_SIZE + length + CRC_SIZE
     total = end + (MAC_SIZE if signed else 0)
     if len(data) != total:
         what = "truncated" if len(data) < total else "trailing bytes"
@@ -136,4 +136,4 @@ def decode(data: bytes, *, key: bytes | None = None) -> Record:
             raise AuthenticationError("HMAC mismatch: wrong key or tampered record", offset=end, field="hmac")
     if zlib.crc32(data[:end - CRC_SIZE]) != int.from_bytes(data[end - CRC_SIZE:end], "big"):
         raise DecodeError("checksum mismatch: the record is corrupt", offset=end - CRC_SIZE, field="crc32")
-    return _parse_body(header.type, data[HEADER_SIZE:end - CRC_SIZE])
+    return _parse_body(rtype, data[HEADER_SIZE:end - CRC_SIZE])
