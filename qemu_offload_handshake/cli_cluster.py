@@ -13,7 +13,7 @@ from typing import Any
 
 from .core.baseline import check_host, merge
 from .core.decide import Mode
-from .core.errors import HandshakeError, UsageError
+from .core.errors import HandshakeError, ScratchError, UsageError
 from .core.model import VmReport
 from .core.platform import Baseline, HostDump
 from .core.policy import Policy
@@ -89,9 +89,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "dump-host":
         _check_out(args.out)
         from .dump import dump_host
-        dump = asyncio.run(dump_host(args.qemu, machines=tuple(args.machine or ()),
-                                     backends=tuple(args.backend) if args.backend else None, host=args.host,
-                                     timeout=args.timeout))
+        try:
+            dump = asyncio.run(dump_host(args.qemu, machines=tuple(args.machine or ()),
+                                         backends=tuple(args.backend) if args.backend else None, host=args.host,
+                                         timeout=args.timeout))
+        except ScratchError as err:  # raised only when that QEMU cannot be run at all: the --qemu given is wrong
+            raise UsageError(f"--qemu {args.qemu or 'qemu-system-x86_64'}: {err}") from err
         _write(args.out, encode(dump, key=key))
         _print(dump_json(dump)) if args.json else print(dump_text(dump, args.out))
         return 0 if any(m.offers for m in dump.machines) else 4

@@ -234,6 +234,8 @@ def test_bad_input_is_a_clear_error(cluster: Cluster, tmp_path: Path) -> None:
     assert "different QEMU builds" in usage_error("baseline", str(cluster.dump("h1")), str(mixed), "--out",
                                                   str(tmp_path / "b"))
     assert "DUMP" in usage_error("baseline", "--out", str(tmp_path / "b"))  # an empty set
+    assert "--qemu /bin/true" in usage_error("dump-host", "--out", str(tmp_path / "b"), "--qemu", "/bin/true")
+    assert "No such file" in usage_error("dump-host", "--out", str(tmp_path / "b"), "--qemu", str(tmp_path / "nix"))
     report = tmp_path / "vm.rep"
     report.write_bytes(good)
     assert "not a baseline" in usage_error("check-host", str(cluster.dump("h2")), "--baseline", str(report))
