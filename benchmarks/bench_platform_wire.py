@@ -99,7 +99,9 @@ def baseline(count: int) -> Baseline:
             entries.append(BaselineEntry(
                 machine, backend, offered, OFFERED if backend == "tap" else offered, members,
                 tuple((i, USO) for i in lacking) if backend == "tap" else (),
-                tuple((i, USO) for i in lacking if i % 7 == 0) if backend == "tap" else (), missing))
+                tuple((i, USO) for i in lacking if i % 7 == 0) if backend == "tap" else (), missing,
+                sum(1 << f.bit for f in BY_PROPERTY.values() if f.default),
+                sum(1 << f.bit for f in BY_PROPERTY.values() if f.default is False)))
     return Baseline(1_760_100_000, hosts, tuple(entries))
 
 

@@ -40,7 +40,7 @@ from .core.errors import (
     ScratchError,
     UsageError,
 )
-from .core.features import BY_PROPERTY, SILENTLY_CLEARED, Kind
+from .core.features import BY_PROPERTY, CEILING_PROPERTIES
 from .core.model import Tri
 from .core.platform import HostDump, MachineOffers, Offer, Unprobed
 from .qemuproc import DEFAULT_TIMEOUT, QemuCommand, QemuLike, backend_problem, qemu_output
@@ -55,7 +55,7 @@ DEFAULTS_NIC = "qoh-defaults"  # the NIC without netdev and properties: the mach
 _REFUSED_WHEN_ON: frozenset[str] = frozenset()
 _HELP_LINE = re.compile(r"^\s+([A-Za-z][\w.-]*)=<([^>]+)>", re.MULTILINE)
 _VERSION = re.compile(r"QEMU emulator version (\d+)\.(\d+)\.(\d+)(?: \((.+)\))?")
-CEILING = frozenset(p for p, f in BY_PROPERTY.items() if f.kind is Kind.OFFLOAD or SILENTLY_CLEARED >> f.bit & 1)
+CEILING = CEILING_PROPERTIES
 
 
 def parse_device_help(text: str) -> dict[str, str]:

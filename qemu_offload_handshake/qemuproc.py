@@ -140,8 +140,9 @@ async def spawn(command: QemuCommand, args: Sequence[str], *, stdout: int, stder
 
 
 def kill(proc: asyncio.subprocess.Process | None) -> None:
-    """SIGKILL to the process's group (its own: ``spawn``), unless it has been reaped."""
-    if proc is not None and proc.returncode is None:
+    """SIGKILL to the process's group (its own: ``spawn``), also once the leader is reaped: a wrapper that does not
+    ``exec`` may have left QEMU in the group (the group id cannot be reused while a member lives)."""
+    if proc is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 

@@ -66,6 +66,7 @@ def baseline_json(b: Baseline) -> dict[str, Any]:
             "missing": [{"host": b.hosts[i].host, "why": why} for i, why in e.missing],
             "removed": [{"host": host, **_bits(bits), "cause": why} for host, bits, why in causes(b, e)],
             "profile": {"overrides": p.overrides, "device": p.device_properties(),
+                        "cannot_be_turned_off": _bits(p.unfixable) if p.unfixable else None,
                         "libvirt": p.libvirt_override(), "absent_on": {k: list(v) for k, v in p.absent_on.items()}},
         })
     return {"type": "baseline", "made_at": b.made_at,
@@ -113,6 +114,8 @@ def check_json(c: HostCheck, vms: Sequence[Verdict] = ()) -> dict[str, Any]:
                         "baseline_after": _bits(n.offered_after)} for n in c.narrowings],
         "missing": [{"machine": m, "backend": k, "why": why} for m, k, why in c.missing],
         "extra": [{"machine": m, "backend": k, **_bits(bits)} for m, k, bits in c.extra],
+        "profile_changes": [{"machine": m, "backend": k, "before": old, "after": new}
+                            for m, k, old, new in c.profile_changes],
         "vms": [vm_outcome(v) for v in vms],
         "vms_that_cannot_migrate": [vm_outcome(v)["vm"] for v in vms if v.verdict in ("blocked", "unknown")],
     }
@@ -127,6 +130,10 @@ def check_text(c: HostCheck, vms: Sequence[Verdict] = ()) -> str:
                      f"{hex(n.offered_after)}")
         lines += [f"    {', '.join(_names(bits))}: {why}" for bits, why in n.causes]
     lines += [f"  {m} / {k}: cannot run it: {why}" for m, k, why in c.missing]
+    lines += [f"  {m} / {k}: offers more ({', '.join(_names(bits))}): VMs started there need the new profile"
+              for m, k, bits in c.extra]
+    lines += [f"  {m} / {k}: the compat profile changes from {old or 'no overrides'} to {new or 'no overrides'}"
+              for m, k, old, new in c.profile_changes]
     for v in vms:
         out = vm_outcome(v)
         if out["verdict"] in ("blocked", "unknown"):

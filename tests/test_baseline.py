@@ -5,6 +5,8 @@ tests (test_cluster_real.py) check the same behaviour on dumps of real hosts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qemu_offload_handshake.core.baseline import causes, check_host, compat_profile, extend, merge
@@ -23,6 +25,7 @@ PROPS_72 = tuple((n, t) for n, t in PROPS_10 if n not in ("host_uso", "guest_uso
 FIXED = mask_of([5, 30, 32])
 ALL_ON_TAP = FIXED | sum(1 << BY_PROPERTY[n].bit for n, _ in PROPS_10 if BY_PROPERTY[n].default)
 USO = NEEDS_USO
+USO_OFF_PROPS = ("guest_uso4", "guest_uso6", "host_uso")
 
 
 def dump(host: str, *, tap: int = ALL_ON_TAP, machines: tuple[str, ...] = ("pc-q35-10.0", "pc-q35-7.2"),
@@ -157,5 +160,90 @@ def test_a_dump_without_the_machine_type_or_backend_blocks() -> None:
     assert verdict.verdict == "blocked"
     [finding] = [f for f in verdict.findings if f.code == "dest-cannot-run"]
     assert "no machine type pc-q35-10.0" in finding.why
-    no_user = dump("h2", user=False)
+    no_user = dump("h2", user=False, unprobed=(Unprobed(None, "user", "this QEMU has no slirp"),))
     assert decide_from_dump(vm(backend="user", offered=ALL_ON_TAP & ~NEEDS_VNET_HDR), no_user).verdict == "blocked"
+
+
+def with_defaults(d: HostDump, machine: str, **values: Tri) -> HostDump:
+    """``d`` with some property defaults of one machine type changed (another QEMU build's compat properties)."""
+    machines = tuple(replace(m, defaults=tuple((n, values.get(n, t)) for n, t in m.defaults))
+                     if m.machine == machine else m for m in d.machines)
+    return replace(d, machines=machines)
+
+
+def test_a_default_of_another_build_is_undetermined_but_the_same_build_is_trusted() -> None:
+    """pc-q35-8.1 had USO on in QEMU 8.2.0-8.2.4 and off later (NOTES): a source offering it may have it from its
+    build's default, which another build does not share."""
+    uso_off = {n: Tri.OFF for n in USO_OFF_PROPS}
+    other = with_defaults(dump("h2", version=(9, 1, 0)), "pc-q35-10.0", **uso_off)
+    verdict = decide_from_dump(vm(negotiated=ALL_ON_TAP & ~mask_of([30])), other)
+    assert verdict.verdict == "unknown"
+    assert {f.code for f in verdict.findings} >= {"predicted-default-differs"}
+    same = with_defaults(replace(dump("h2"), package="Debian 10.0.2"), "pc-q35-10.0", **uso_off)
+    assert decide_from_dump(vm(negotiated=ALL_ON_TAP & ~mask_of([30])), same).verdict == "compatible"
+
+
+def test_vhost_and_unknown_backends_fail_closed() -> None:
+    packed = 1 << BY_PROPERTY["packed"].bit
+    src = vm(offered=ALL_ON_TAP | packed)
+    nic = replace(src.nics[0], properties=tuple(sorted({**dict(src.nics[0].properties),
+                                                        "packed": Tri.ON}.items())), backend_features=1)
+    vhost_dump = replace(dump("h2"), machines=tuple(
+        replace(m, offers=tuple(sorted((*m.offers, Offer("tap-vhost", ALL_ON_TAP)), key=lambda o: o.backend)))
+        for m in dump("h2").machines))
+    [predicted] = predict_dest(replace(src, nics=(nic,)), vhost_dump).report.nics
+    assert predicted.offered_unknown & packed  # the dump's NIC had packed off: vhost may mask it
+    [plain] = predict_dest(replace(src, nics=(replace(nic, backend_features=0),)), vhost_dump).report.nics
+    assert plain.offered is not None and plain.offered & packed  # a plain tap never clears it
+    # QEMU 11.1 sources: vhost-net use unknown, and the host has no vhost-net taps
+    derived = replace(vm().nics[0], backend_features=None)
+    verdict = decide_from_dump(replace(vm(), nics=(derived,)), dump("h2"))
+    assert verdict.verdict == "unknown" and any(f.code == "dest-undetermined" for f in verdict.findings)
+    nameless = replace(src.nics[0], backend=None)
+    assert decide_from_dump(replace(src, nics=(nameless,)), dump("h2")).verdict == "unknown"
+
+
+def test_not_dumped_is_unknown_but_cannot_run_is_blocked() -> None:
+    verdict = decide_from_dump(vm(machine="pc-q35-9.2"), dump("h2"))
+    assert verdict.verdict == "unknown" and any(f.code == "dest-undetermined" for f in verdict.findings)
+    no_user = dump("h2", user=False)
+    assert decide_from_dump(vm(backend="user", offered=ALL_ON_TAP & ~NEEDS_VNET_HDR), no_user).verdict == "unknown"
+
+
+def test_a_tap_without_header_is_predicted_without_header() -> None:
+    src = vm(offered=ALL_ON_TAP & ~NEEDS_VNET_HDR)
+    src = replace(src, nics=(replace(src.nics[0], vnet_hdr=False),))
+    verdict = decide_from_dump(src, dump("h2"))
+    assert verdict.verdict == "compatible", [f.why for f in verdict.findings]
+
+
+def test_a_property_the_destination_lacks_is_a_warning_even_when_off() -> None:
+    src = vm()
+    nic = replace(src.nics[0], properties=tuple(sorted({**dict(src.nics[0].properties), "host_uso": Tri.OFF}.items())))
+    old = dump("old", machines=("pc-q35-10.0",), props=PROPS_72, version=(7, 2, 22))
+    verdict = decide_from_dump(replace(src, nics=(nic,)), old)
+    assert any(f.code == "predicted-property-absent" and "host_uso" in f.why for f in verdict.findings)
+
+
+def test_profile_needs_no_override_where_every_host_defaults_off_and_pins_disagreeing_defaults() -> None:
+    uso_off = {n: Tri.OFF for n in USO_OFF_PROPS}
+    a = with_defaults(dump("a"), "pc-q35-7.2", **uso_off)
+    b = with_defaults(dump("b", tap=ALL_ON_TAP & ~USO), "pc-q35-7.2", **uso_off)
+    profiles = {(p.machine, p.backend): p for p in compat_profile(merge([a, b], made_at=1))}
+    assert profiles[("pc-q35-7.2", "tap")].overrides == {}  # off by default everywhere: nothing to set
+    assert profiles[("pc-q35-10.0", "tap")].overrides == dict.fromkeys(sorted(USO_OFF_PROPS), "off")
+    # two builds disagree on a default whose feature every host can offer: pinned on
+    c = with_defaults(dump("c"), "pc-q35-10.0", mrg_rxbuf=Tri.OFF)
+    pinned = {(p.machine, p.backend): p for p in compat_profile(merge([dump("a"), c], made_at=1))}
+    assert pinned[("pc-q35-10.0", "tap")].overrides == {"mrg_rxbuf": "on"}
+
+
+def test_check_host_reports_profile_changes_and_unusable_overrides() -> None:
+    base = merge([dump("a"), dump("b", tap=ALL_ON_TAP & ~USO)], made_at=1)
+    wider = check_host(merge([dump("b", tap=ALL_ON_TAP & ~USO)], made_at=1), dump("a"), made_at=2)
+    assert wider.outcome == "joins" and wider.extra and wider.profile_changes
+    old = dump("old", machines=("pc-q35-10.0", "pc-q35-7.2"), props=PROPS_72, version=(7, 2, 22),
+               tap=ALL_ON_TAP & ~USO)
+    cannot = check_host(base, old, made_at=2)
+    assert cannot.outcome == "cannot-join"
+    assert any("has no property" in why and "host_uso" in why for _, _, why in cannot.missing)

@@ -87,6 +87,7 @@ def test_every_code_the_decision_emits_is_a_rule() -> None:
     emitted |= set(re.findall(r'_bit_finding\(c, [^,]+,\s*"([a-z_-]+)"', source))
     emitted |= set(re.findall(r'\("(report-[a-z-]+)",', source))
     emitted |= set(re.findall(r'\((?:nic\.key|""),\s*"([a-z-]+)"', source))  # predict.py's (device, code, why)
+    emitted |= set(re.findall(r'return "([a-z-]+)", f"', source))  # predict.py's (code, why)
     emitted |= {f"backend-{check}{end}" for check in ("vnet_hdr", "has_ufo") for end in ("", "-unknown")}
     assert len(emitted) > 30  # the scan itself works
     assert emitted == set(RULES)

@@ -91,6 +91,7 @@ BASELINE = {
              "0001620000" "00" "00"  # b: made at the same time
              "0001630000" "01" "00",  # c: made 1 s later
     "entries": "01" "01" "02" "010f" "013f"  # q35/tap, offered 0x0f, union 0x3f
+               "0101" "00"  # defaults: csum (bit 0) on on some host, nothing off
                "01" "0001"  # hosts: one run from host 0, 2 long
                "01" "00" "010100"  # removed: XOR 0 (0x30) for one run from host 1, 1 long
                "01" "0120" "010100"  # undetermined: XOR 0x20 against b's removed bits: 0x10
@@ -102,7 +103,7 @@ GOLDEN_BASELINE = Baseline(1_700_000_000, (
     BaselineHost("b", "6.1", (10, 0, 2), None, 1_700_000_000, (("csum", "bool"),)),
     BaselineHost("c", "6.1", (10, 0, 2), None, 1_700_000_001, (("csum", "bool"),))),
     (BaselineEntry("q35", "tap", 0x0F, 0x3F, (0, 1), removed=((1, 0x30),), undetermined=((1, 0x10),),
-                   missing=((2, "no tap"),)),))
+                   missing=((2, "no tap"),), defaults_on=0x01),))
 
 
 def dump_with(**parts: str) -> bytes:
@@ -143,6 +144,8 @@ def test_a_later_minor_s_extensions_are_skipped() -> None:
 CATALOGUE = sorted(BY_PROPERTY)
 PROPERTIES = tuple((name, "OnOffAuto" if name.endswith("uso") else "bool") for name in CATALOGUE)
 DEFAULTS = tuple((name, Tri.ON if feature.default else Tri.OFF) for name, feature in sorted(BY_PROPERTY.items()))
+DEFAULTS_ON = sum(1 << f.bit for f in BY_PROPERTY.values() if f.default)  # a baseline entry's, as DEFAULTS
+DEFAULTS_OFF = sum(1 << f.bit for f in BY_PROPERTY.values() if not f.default) | 1 << 54  # a host disagrees on bit 54
 
 
 def typical_dump(i: int = 0, *, made_at: int = 1_760_000_000) -> HostDump:
@@ -205,8 +208,24 @@ def big_baseline(count: int = 20_000) -> Baseline:
             entries.append(BaselineEntry(
                 machine, backend, OFFERED & ~USO if lacking else OFFERED, OFFERED,
                 members, tuple((i, USO) for i in lacking), tuple((i, USO & ~(1 << 54)) for i in lacking if i % 7 == 0),
-                tuple((i, "no vhost-net (/dev/vhost-net missing)") for i in outside)))
+                tuple((i, "no vhost-net (/dev/vhost-net missing)") for i in outside), DEFAULTS_ON, DEFAULTS_OFF))
     return Baseline(1_760_001_000, hosts, tuple(entries))
+
+
+@pytest.mark.parametrize(("on", "off"), [(DEFAULTS_ON, DEFAULTS_OFF), (TUNNEL | 1 << 255, 1 << 64 | 1 << 200 | 1),
+                                         (1 << 255, 1 << 255), (0, TUNNEL)])
+def test_an_entry_s_defaults_round_trip(on: int, off: int) -> None:
+    entry = GOLDEN_BASELINE.entries[0]
+    entry = BaselineEntry(entry.machine, entry.backend, entry.offered, entry.union, entry.hosts, entry.removed,
+                          entry.undetermined, entry.missing, on, off)
+    baseline = Baseline(GOLDEN_BASELINE.made_at, GOLDEN_BASELINE.hosts, (entry,))
+    for key in (None, KEY):
+        decoded = decode(encode(baseline, key=key), key=key)
+        assert decoded == baseline and isinstance(decoded, Baseline)
+        assert (decoded.entries[0].defaults_on, decoded.entries[0].defaults_off) == (on, off)
+    # two bitmaps of (highest bit + 8) // 8 bytes and a length byte each, in place of the golden one's 3 bytes
+    growth = len(encode(baseline)) - len(encode(GOLDEN_BASELINE))
+    assert growth == sum(max(1, (bits.bit_length() + 7) // 8) + (bits > 0) for bits in (on, off)) - 3
 
 
 def test_a_20000_host_baseline_round_trips_within_the_size_limit() -> None:
@@ -263,7 +282,7 @@ def baselines(draw: st.DrawFn) -> Baseline:
         missing = [(h, draw(st.sampled_from(["x", "y"]))) for h in range(len(hosts)) if h not in members
                    and draw(st.booleans())]
         entries.append(BaselineEntry(*key, offered, offered | extra, tuple(members), tuple(removed),
-                                     tuple(undetermined), tuple(missing)))
+                                     tuple(undetermined), tuple(missing), draw(wide), draw(wide)))
     return Baseline(made_at, hosts, tuple(entries))
 
 
@@ -340,6 +359,7 @@ def test_hostile_dumps_name_the_field(parts: dict[str, str], error: str, field: 
 
 
 RUN_ALL = "01" "0002"  # hosts 0-2
+NONE = "00" "00"  # an entry's defaults: none on, none off
 
 
 @pytest.mark.parametrize(("parts", "error", "field"), [
@@ -353,33 +373,41 @@ RUN_ALL = "01" "0002"  # hosts 0-2
     ({"hosts": "01" "0001610000" "ffffffffff7f" "00"}, "over its limit", "hosts[0].made_at"),
     ({"hosts": "01" "0001610000" "feffffffff1f" "00"}, "not Unix seconds", "hosts[0].made_at"),
     ({"strings": "01" "02c328"}, "invalid UTF-8", "strings[0]"),
-    ({"entries": "02" "01" "02" "00" "00" "00" "00" "00" "00" "01" "02" "00" "00" "00" "00" "00" "00"},
+    ({"entries": "02" "01" "02" "00" "00" + NONE + "00" "00" "00" "00"
+                 "01" "02" "00" "00" + NONE + "00" "00" "00" "00"},
      "entry q35/tap given twice", "entries[1].backend"),
-    ({"entries": "02" "02" "02" "00" "00" "00" "00" "00" "00" "01" "02" "00" "00" "00" "00" "00" "00"},
+    ({"entries": "02" "02" "02" "00" "00" + NONE + "00" "00" "00" "00"
+                 "01" "02" "00" "00" + NONE + "00" "00" "00" "00"},
      "entry q35/tap out of order", "entries[1].machine"),
-    ({"entries": "01" "01" "09" "00" "00" "00" "00" "00" "00"}, "index 9 outside", "entries[0].backend"),
-    ({"entries": "01" "01" "02" "0103" "0101" "00" "00" "00" "00"}, "union lacks offered bits", "entries[0].union"),
-    ({"entries": "01" "01" "02" "00" "00" "01" "0003" "00" "00" "00"}, "a run ends past the 3 hosts",
+    ({"entries": "01" "01" "09" "00" "00" + NONE + "00" "00" "00" "00"}, "index 9 outside", "entries[0].backend"),
+    ({"entries": "01" "01" "02" "00" "00" "020100" "00" "00" "00" "00" "00"}, "trailing zero",
+     "entries[0].defaults_on"),
+    ({"entries": "01" "01" "02" "00" "00" "00" "21" + "ff" * 33 + "00" "00" "00" "00"}, "over its limit 32",
+     "entries[0].defaults_off"),
+    ({"entries": "01" "01" "02" "00" "00" "0101" "0501"}, "truncated", "entries[0].defaults_off"),  # ext: 1 more
+    ({"entries": "01" "01" "02" "0103" "0101" + NONE + "00" "00" "00" "00"}, "union lacks offered bits",
+     "entries[0].union"),
+    ({"entries": "01" "01" "02" "00" "00" + NONE + "01" "0003" "00" "00" "00"}, "a run ends past the 3 hosts",
      "entries[0].hosts"),
-    ({"entries": "01" "01" "02" "00" "00" "02" "0000" "0100" "00" "00" "00"}, "a run ends past the 3 hosts",
+    ({"entries": "01" "01" "02" "00" "00" + NONE + "02" "0000" "0100" "00" "00" "00"}, "a run ends past the 3 hosts",
      "entries[0].hosts"),  # host 0, then from host 3 (1 after host 0's successor)
-    ({"entries": "01" "01" "02" "00" "0101" + RUN_ALL + "01" "0101" "01" "0000" "00" "00"},
+    ({"entries": "01" "01" "02" "00" "0101" + NONE + RUN_ALL + "01" "0101" "01" "0000" "00" "00"},
      "removed bits must be in union and not in offered", "entries[0].removed[0].value"),
-    ({"entries": "01" "01" "02" "00" "0101" "01" "0000" "01" "00" "01" "0100" "00" "00"},
+    ({"entries": "01" "01" "02" "00" "0101" + NONE + "01" "0000" "01" "00" "01" "0100" "00" "00"},
      "hosts 1-1 are not all in the entry", "entries[0].removed[0].hosts"),
-    ({"entries": "01" "01" "02" "00" "0101" + RUN_ALL + "01" "00" "00" "00" "00"}, "a group without hosts",
+    ({"entries": "01" "01" "02" "00" "0101" + NONE + RUN_ALL + "01" "00" "00" "00" "00"}, "a group without hosts",
      "entries[0].removed[0].hosts"),
-    ({"entries": "01" "01" "02" "00" "0103" + RUN_ALL + "02" "0102" "010000" "00" "010100" "00" "00"},
+    ({"entries": "01" "01" "02" "00" "0103" + NONE + RUN_ALL + "02" "0102" "010000" "00" "010100" "00" "00"},
      "not in increasing order", "entries[0].removed[1].value"),
-    ({"entries": "01" "01" "02" "00" "0103" + RUN_ALL + "02" "00" "010001" "0101" "010100" "00" "00"},
+    ({"entries": "01" "01" "02" "00" "0103" + NONE + RUN_ALL + "02" "00" "010001" "0101" "010100" "00" "00"},
      "a host is in two groups", "entries[0].removed"),
-    ({"entries": "01" "01" "02" "00" "0101" + RUN_ALL + "01" "00" "010000" "01" "00" "010100" "00"},
+    ({"entries": "01" "01" "02" "00" "0101" + NONE + RUN_ALL + "01" "00" "010000" "01" "00" "010100" "00"},
      "hosts 1-1 are not all hosts that removed bits", "entries[0].undetermined[0].hosts"),
-    ({"entries": "01" "01" "02" "00" "0101" + RUN_ALL + "01" "00" "010000" "01" "0103" "010000" "00"},
+    ({"entries": "01" "01" "02" "00" "0101" + NONE + RUN_ALL + "01" "00" "010000" "01" "0103" "010000" "00"},
      "undetermined bits must be removed bits of the host", "entries[0].undetermined[0].value"),
-    ({"entries": "01" "01" "02" "00" "00" "01" "0001" "00" "00" "01" "03" "010100"},
+    ({"entries": "01" "01" "02" "00" "00" + NONE + "01" "0001" "00" "00" "01" "03" "010100"},
      "hosts 1-1 are in the entry", "entries[0].missing[0].hosts"),
-    ({"entries": "01" "01" "02" "00" "00" "01" "0001" "00" "00" "01" "07" "010200"},
+    ({"entries": "01" "01" "02" "00" "00" + NONE + "01" "0001" "00" "00" "01" "07" "010200"},
      "index 7 outside", "entries[0].missing[0].value"),
 ])
 def test_hostile_baselines_name_the_field(parts: dict[str, str], error: str, field: str) -> None:
@@ -403,7 +431,8 @@ def test_host_references_are_bounded_before_they_are_made() -> None:
     hosts = b"".join(b"\x00" + varint(len(name := f"{i:x}".encode())) + name + b"\x00\x00\x00\x00"
                      for i in range(20_000))
     strings = [f"b{i:03d}".encode() for i in range(100)]
-    entries = b"".join(b"\x00" + varint(1 + i) + b"\x00\x00" + b"\x01\x00" + varint(19_999) + b"\x00\x00\x00"
+    entries = b"".join(b"\x00" + varint(1 + i) + b"\x00\x00" + b"\x00\x00" + b"\x01\x00" + varint(19_999)
+                       + b"\x00\x00\x00"
                        for i in range(99))
     body = (b"\x00" + varint(101) + b"\x01q" + b"".join(varint(len(s)) + s for s in strings) + b"\x01" + bytes(6)
             + b"\x01\x00\x00\x00" + varint(20_000) + hosts + varint(99) + entries + b"\x00")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .features import BY_BIT, BY_PROPERTY, CLEARING_RULES, NEEDS_VNET_HDR, ONLY_VNET_HDR, bits_of, describe_bit
+from .model import Tri
 from .platform import Baseline, BaselineEntry, BaselineHost, HostDump
 
 __all__ = [
@@ -42,6 +43,19 @@ class _Host:
     info: BaselineHost
     offers: dict[Key, tuple[int, int]]
     missing: dict[Key, str]
+    defaults: dict[Key, tuple[int, int]]  # per key: (properties on by default, off by default), by feature bit
+
+
+def _default_bits(defaults: tuple[tuple[str, Tri], ...]) -> tuple[int, int]:
+    on = off = 0
+    for name, value in defaults:
+        feature = BY_PROPERTY.get(name)
+        if feature is not None:
+            if value is Tri.OFF:
+                off |= 1 << feature.bit
+            else:  # on, or auto (on where the backend can)
+                on |= 1 << feature.bit
+    return on, off
 
 
 def _version(v: tuple[int, int, int] | None) -> str:
@@ -57,20 +71,23 @@ def _from_dump(dump: HostDump) -> _Host:
         raise UsageError(f"not a host dump: {type(dump).__name__}")
     info = BaselineHost(dump.host, dump.kernel, dump.qemu_version, dump.package, dump.made_at, dump.properties)
     offers = {(m.machine, o.backend): (o.offered, o.unknown) for m in dump.machines for o in m.offers}
+    bits = {m.machine: _default_bits(m.defaults) for m in dump.machines}
+    defaults = {key: bits[key[0]] for key in offers}
     missing: dict[Key, str] = {}
     for item in dump.unprobed:  # reasons for what the dump could not probe; the merge looks them up per key
         missing.setdefault((item.machine or "*", item.backend or "*"), item.reason)
-    return _Host(info, offers, missing)
+    return _Host(info, offers, missing, defaults)
 
 
 def _from_baseline(baseline: Baseline) -> list[_Host]:
     """The hosts of a baseline as they went in (a host's offer is the union minus what it removed)."""
-    hosts = [_Host(info, {}, {}) for info in baseline.hosts]
+    hosts = [_Host(info, {}, {}, {}) for info in baseline.hosts]
     for e in baseline.entries:
         key = (e.machine, e.backend)
         removed, undetermined = dict(e.removed), dict(e.undetermined)
-        for index in e.hosts:
+        for index in e.hosts:  # a host's own defaults are not kept: the entry's (on somewhere, off somewhere)
             hosts[index].offers[key] = (e.union & ~removed.get(index, 0), undetermined.get(index, 0))
+            hosts[index].defaults[key] = (e.defaults_on, e.defaults_off)
         for index, reason in e.missing:
             hosts[index].missing[key] = reason
     return hosts
@@ -107,9 +124,13 @@ def _merge(hosts: Sequence[_Host], made_at: int) -> Baseline:
         raise UsageError("no host dumps to merge: give at least one")
     _check_hosts(hosts)
     found: dict[Key, list[tuple[int, int, int]]] = {}
+    default_bits: dict[Key, tuple[int, int]] = {}
     for index, host in enumerate(hosts):
         for key, (offered, unknown) in host.offers.items():
             found.setdefault(key, []).append((index, offered, unknown))
+            on, off = host.defaults.get(key, (0, 0))
+            was_on, was_off = default_bits.get(key, (0, 0))
+            default_bits[key] = (was_on | on, was_off | off)
     entries = []
     for key in sorted(found):
         offers = found[key]
@@ -122,7 +143,7 @@ def _merge(hosts: Sequence[_Host], made_at: int) -> Baseline:
         present = {i for i, _, _ in offers}
         missing = tuple((i, _why_missing(h, key)) for i, h in enumerate(hosts) if i not in present)
         entries.append(BaselineEntry(key[0], key[1], meet, union, tuple(i for i, _, _ in offers), removed,
-                                     undetermined, missing))
+                                     undetermined, missing, *default_bits[key]))
     return Baseline(made_at, tuple(h.info for h in hosts), tuple(entries))
 
 
@@ -200,6 +221,9 @@ class HostCheck:
     missing: tuple[tuple[str, str, str], ...]  # (machine, backend, why the new host cannot run it)
     extra: tuple[tuple[str, str, int], ...]  # (machine, backend, bits the new host offers beyond the baseline)
     after: Baseline  # the baseline with the new host in it
+    # (machine, backend, overrides before, overrides after): the compat profile changes once the host joins (VMs
+    # started with the old profile may then offer what the new host cannot, or the new host more than they do)
+    profile_changes: tuple[tuple[str, str, dict[str, str], dict[str, str]], ...] = ()
 
 
 def check_host(baseline: Baseline, dump: HostDump, *, made_at: int) -> HostCheck:
@@ -225,8 +249,22 @@ def check_host(baseline: Baseline, dump: HostDump, *, made_at: int) -> HostCheck
                                         new.offered))
         if offered & ~entry.union:
             extra.append((entry.machine, entry.backend, offered & ~entry.union))
+    before = {(p.machine, p.backend): p for p in compat_profile(baseline)}
+    later = {(p.machine, p.backend): p for p in compat_profile(after)}
+    has = dict(dump.properties)
+    changes = []
+    version = ".".join(map(str, dump.qemu_version))
+    for key, profile in before.items():
+        if key not in host.offers:
+            continue
+        lacking = [p for p in profile.overrides if p not in has]
+        if lacking:
+            missing.append((*key, f"its QEMU {version} has no property {', '.join(lacking)}, which the compat "
+                                  "profile sets: VMs started with the profile cannot start there"))
+        if key in later and later[key].overrides != profile.overrides:
+            changes.append((*key, profile.overrides, later[key].overrides))
     outcome = "cannot-join" if missing else "narrows" if narrowings else "joins"
-    return HostCheck(dump.host, outcome, tuple(narrowings), tuple(missing), tuple(extra), after)
+    return HostCheck(dump.host, outcome, tuple(narrowings), tuple(missing), tuple(extra), after, tuple(changes))
 
 
 # ------------------------------------------------------------------------------------------------ compat profile
@@ -238,9 +276,10 @@ LIBVIRT_QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 class Profile:
     machine: str
     backend: str
-    overrides: dict[str, str]  # property -> "off", sorted by name
+    overrides: dict[str, str]  # property -> "off" (or "on"), in feature-bit order
     absent_on: dict[str, tuple[str, ...]]  # property -> hosts whose QEMU has no such property (leave it out there)
     types: dict[str, str]  # property -> QOM type where the hosts agree ("bool", "OnOffAuto"); "mixed" otherwise
+    unfixable: int = 0  # bits some host offers and another not, that no property turns off
 
     def device_properties(self) -> str:
         """``host_uso=off,guest_uso4=off`` for a ``-device virtio-net-pci,...`` line."""
@@ -260,9 +299,23 @@ class Profile:
                           "    </qemu:frontend>", "  </qemu:device>", "</qemu:override>"])
 
 
+def _override(bit: int, entry: BaselineEntry) -> str | None:
+    """What a VM started on this machine type with default properties must set for ``bit`` to be offered alike
+    everywhere: "off" where some host can offer it and another cannot, and some host would by default (when every
+    host defaults it off, nothing: unless the dumps say nothing of defaults); where the hosts' QEMU builds disagree
+    on the default, pinned ("on" if every host can offer it)."""
+    mask = 1 << bit
+    on, off = entry.defaults_on & mask, entry.defaults_off & mask
+    if on and off:
+        return "on" if entry.offered & mask else "off"
+    if entry.union & ~entry.offered & mask and (on or not (entry.defaults_on | entry.defaults_off)):
+        return "off"
+    return None
+
+
 def compat_profile(baseline: Baseline) -> list[Profile]:
-    """Per entry, the properties to turn off so that a VM offers only what every host of the entry can: each
-    catalogue property whose bit some host can offer (the union) but not every host (the AND)."""
+    """Per entry, the property overrides that make a VM (started with default properties plus these) offer only
+    what every host of the entry can, whatever host it starts on."""
     profiles = []
     tables: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}  # hosts share a few property tables
     props_of = [tables.setdefault(h.properties, dict(h.properties)) for h in baseline.hosts]
@@ -270,19 +323,22 @@ def compat_profile(baseline: Baseline) -> list[Profile]:
         overrides: dict[str, str] = {}
         absent: dict[str, tuple[str, ...]] = {}
         types: dict[str, str] = {}
-        for bit in bits_of(entry.union & ~entry.offered):
+        unfixable = 0
+        for bit in bits_of(entry.union & ~entry.offered | entry.defaults_on & entry.defaults_off):
             feature = BY_BIT.get(bit)
             if feature is None or feature.prop is None:
+                unfixable |= 1 << bit
+                continue
+            value = _override(bit, entry)
+            if value is None:
                 continue
             prop = feature.prop
-            overrides[prop] = "off"
+            overrides[prop] = value
             kinds = {props_of[i].get(prop) for i in entry.hosts}
             lacking = tuple(baseline.hosts[i].host for i in entry.hosts if prop not in props_of[i])
             if lacking:
                 absent[prop] = lacking
             known = {k for k in kinds if k is not None}
             types[prop] = known.pop() if len(known) == 1 else "mixed"
-        order = sorted(overrides, key=lambda p: BY_PROPERTY[p].bit)
-        profiles.append(Profile(entry.machine, entry.backend, {p: overrides[p] for p in order},
-                                {p: absent[p] for p in order if p in absent}, {p: types[p] for p in order}))
+        profiles.append(Profile(entry.machine, entry.backend, overrides, absent, types, unfixable))
     return profiles

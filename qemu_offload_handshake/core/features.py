@@ -27,6 +27,7 @@ __all__ = [
     "BY_NAME",
     "BY_PROPERTY",
     "CATALOGUE",
+    "CEILING_PROPERTIES",
     "CLEARING_RULES",
     "MAX_BITS",
     "NEEDS_OWN_HASH",
@@ -154,6 +155,10 @@ NEEDS_TUNNEL = _mask("GUEST_UDP_TUNNEL_GSO", "GUEST_UDP_TUNNEL_GSO_CSUM", "HOST_
 NEEDS_OWN_HASH = _mask("HASH_REPORT", "RSS")
 NEEDS_VNET_HDR = ONLY_VNET_HDR | NEEDS_UFO | NEEDS_USO | NEEDS_TUNNEL | _mask("HASH_REPORT")
 SILENTLY_CLEARED = NEEDS_VNET_HDR | NEEDS_OWN_HASH
+# The properties a host dump turns on (dump.py): every offload, and every one QEMU may clear silently. The dump's
+# other properties keep the machine type's defaults.
+CEILING_PROPERTIES = frozenset(p for p, f in BY_PROPERTY.items()
+                               if f.kind is Kind.OFFLOAD or SILENTLY_CLEARED >> f.bit & 1)
 
 
 @dataclass(frozen=True, slots=True)

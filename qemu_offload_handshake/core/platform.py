@@ -255,12 +255,19 @@ class BaselineEntry:
     removed: tuple[tuple[int, int], ...] = ()  # (host, bits of union it does not offer), only hosts that remove any
     undetermined: tuple[tuple[int, int], ...] = ()  # (host, bits it could not determine), a subset of its removed
     missing: tuple[tuple[int, str], ...] = ()  # (host, why it cannot run this machine type / backend kind)
+    # The machine type's property defaults across ``hosts``, as bitmaps indexed by the feature bit of each catalogue
+    # property: a bit in defaults_on is a property that defaults to on on some host, in defaults_off one that
+    # defaults to off on some host (both: the hosts' QEMU builds disagree on that machine type's default).
+    defaults_on: int = 0
+    defaults_off: int = 0
 
     def __post_init__(self) -> None:
         _check_str("machine", self.machine)
         _check_str("backend", self.backend)
         _check_bitmap("offered", self.offered)
         _check_bitmap("union", self.union)
+        _check_bitmap("defaults_on", self.defaults_on)
+        _check_bitmap("defaults_off", self.defaults_off)
         if self.offered & ~self.union:
             raise ValueError(f"{self.machine}/{self.backend}: the AND has bits the OR has not")
         for name in ("hosts", "removed", "undetermined", "missing"):

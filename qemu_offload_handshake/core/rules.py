@@ -67,7 +67,9 @@ RULES: dict[str, Rule] = {
     # a destination predicted from its host's dump (precheck --dest-dump)
     "predicted": Rule(_I, _I, "the destination was predicted from its host's dump, not probed"),
     "dest-cannot-run": Rule(_B, _B, "the destination host cannot run this machine type or backend (its dump)"),
-    "predicted-property-absent": Rule(_W, _W, "a property on at the source does not exist on the destination's QEMU"),
+    "dest-undetermined": Rule(_U, _U, "the dump cannot tell the destination (not probed there, backend unknown)"),
+    "predicted-property-absent": Rule(_W, _W, "a property of the source does not exist on the destination's QEMU"),
+    "predicted-default-differs": Rule(_U, _W, "a property differs from the destination QEMU's default: undetermined"),
     # policy
     "policy-on": Rule(_B, _B, "policy requires a feature a side does not offer"),
     "policy-off": Rule(_A, _A, "policy requires a feature off: turned off on the destination"),

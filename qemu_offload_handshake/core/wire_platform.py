@@ -2,22 +2,22 @@
 leaves of ``wire_layout`` and a few of this module's own, and the objects the encoder builds (``docs/wire-format.md``).
 A dump's machine types are read in one loop with locals: a cluster tool decodes thousands of dumps. Each part is
 checked and made into model objects as it is read, and a failure names its field (``machines[1].offers[0].backend``,
-``entries[2].removed[1].value``); a baseline's host references are counted before any is made (``MAX_REFS``)."""
+``entries[2].removed[1].value``); a baseline's host references are counted before any is made (``MAX_REFS``).
+Its runs of hosts are ``wire_runs``'s."""
 
 from __future__ import annotations
 
 import functools
 import itertools
-from bisect import bisect_left
 from typing import Any
 
 import construct as cs
 
 from . import wire_layout as wl
+from . import wire_runs as wr
 from .errors import EncodeError
 from .features import BY_PROPERTY
 from .model import MAX_BITMAP_BITS, MAX_ITEMS, MAX_STRING_BYTES, Tri
-from .platform import MAX_BASELINE_HOSTS as MAX_HOSTS
 from .platform import Baseline, BaselineEntry, BaselineHost, HostDump, MachineOffers, Offer, Unprobed
 from .wire_records import MAX_RECORD_BYTES
 
@@ -206,7 +206,6 @@ _DumpBody = wl.Struct(
 # ------------------------------------------------------------------------------------------------ baseline
 
 _Index, _TableIndex = wl.VarInt(MAX_STRINGS - 1), wl.VarInt(MAX_TABLE - 1)
-_HostCount, _HostStep = wl.VarInt(MAX_HOSTS), wl.VarInt(MAX_HOSTS - 1)
 
 
 def _pick(table: list[Any], index: int, *field: str | int) -> Any:
@@ -227,38 +226,6 @@ def _host(this: dict[str, Any], tables: dict[str, Any]) -> tuple[str, BaselineHo
         package, made_at, _pick(tables["properties"], this["properties"], "properties"))
 
 
-class _Runs(wl.Leaf):
-    """Count, then per run of hosts a varint skip and a varint length - 1; read flat: (skip, length - 1, ...)."""
-
-    def read(self, stream: Any) -> tuple[int, ...]:
-        return tuple(_HostStep.read(stream) if i & 1 else _HostCount.read(stream)  # skip first, then length - 1
-                     for i in range(2 * _HostCount.read(stream), 0, -1))
-
-    def write(self, obj: list[int], stream: Any) -> list[int]:
-        _HostCount.write(len(obj) // 2, stream)
-        for i, value in enumerate(obj):
-            (_HostStep if i & 1 else _HostCount).write(value, stream)
-        return obj
-
-
-def _members(runs: tuple[int, ...], everyone: tuple[int, ...], within: tuple[int, ...] | None, inside: bool,
-             what: str, *where: str | int) -> tuple[int, ...]:
-    """The hosts of ``runs``, all ``within`` (``inside``) or none: slices of ``everyone`` (their ints shared)."""
-    parts, pos = [], 0
-    for skip, length in zip(runs[::2], runs[1::2], strict=True):
-        start = pos + skip
-        if (pos := start + 1 + length) > len(everyone):
-            raise wl.FieldError(f"malformed body: a run ends past the {len(everyone)} hosts", *where)
-        at = 0 if within is None else bisect_left(within, start)
-        if within is not None and (not (at + pos - start <= len(within) and within[at + pos - start - 1] == pos - 1
-                                        and within[at] == start) if inside else at != bisect_left(within, pos)):
-            raise wl.FieldError(f"malformed body: hosts {start}-{pos - 1} are {'not all ' if inside else ''}{what}",
-                                *where)
-        parts.append(everyone[start:pos])
-        pos += 1
-    return parts[0] if len(parts) == 1 else tuple(itertools.chain.from_iterable(parts))
-
-
 def _entry(this: dict[str, Any], tables: dict[str, Any]) -> BaselineEntry:
     strings, count = tables["strings"], len(tables["hosts"])
     machine, backend = _pick(strings, this["machine"], "machine"), _pick(strings, this["backend"], "backend")
@@ -273,14 +240,14 @@ def _entry(this: dict[str, Any], tables: dict[str, Any]) -> BaselineEntry:
     if refs > MAX_REFS:  # counted before any run is made into hosts
         raise wl.FieldError(f"malformed body: more than {MAX_REFS} host references in the entries", "hosts")
     everyone = tables.get("everyone") or tables.setdefault("everyone", tuple(range(count)))
-    hosts = _members(this["hosts"], everyone, None, True, "", "hosts")
+    hosts = wr.members(this["hosts"], everyone, None, True, "", "hosts")
 
     def pairs(name: str, within: tuple[int, ...], inside: bool, what: str, make: Any) -> tuple[tuple[int, Any], ...]:
         out: list[tuple[int, Any]] = []
         for i, (value, group_runs) in enumerate(this[name]):
             if i and value <= this[name][i - 1][0]:
                 raise wl.FieldError("malformed body: groups not in increasing order of their value", name, i, "value")
-            if not (members := _members(group_runs, everyone, within, inside, what, name, i, "hosts")):
+            if not (members := wr.members(group_runs, everyone, within, inside, what, name, i, "hosts")):
                 raise wl.FieldError("malformed body: a group without hosts", name, i, "hosts")
             out += make(members, value, (name, i))
         out.sort(key=lambda pair: pair[0])  # (in order already when there is one group)
@@ -302,7 +269,8 @@ def _entry(this: dict[str, Any], tables: dict[str, Any]) -> BaselineEntry:
         (host, checked(of[host] ^ xor, of[host], where)) for host in members])
     missing = pairs("missing", hosts, False, "in the entry", lambda members, index, where: zip(
         members, itertools.repeat(_pick(strings, index, *where, "value")), strict=False))
-    return BaselineEntry(machine, backend, offered, union, hosts, removed, undetermined, missing)
+    return BaselineEntry(machine, backend, offered, union, hosts, removed, undetermined, missing,
+                         this["defaults_on"], this["defaults_off"])
 
 
 def _baseline(this: dict[str, Any], parent: Any) -> Baseline:
@@ -318,15 +286,16 @@ _BaselineBody = wl.Struct(
     "strings" / wl.Array(wl.VarInt(MAX_STRINGS), _Str),
     "versions" / wl.Array(wl.VarInt(MAX_TABLE), _Version),
     "properties" / wl.Array(wl.VarInt(MAX_TABLE), _Properties()),
-    "hosts" / wl.Array(_HostCount, wl.Struct(
+    "hosts" / wl.Array(wr.HostCount, wl.Struct(
         "present" / wl.VarInt(HOST_PACKAGE), "host" / _Str, "kernel" / _Index, "version" / _TableIndex,
         "package" / cs.If(cs.this.present & HOST_PACKAGE, _Index),
         "made_at" / wl.VarInt((1 << 41) - 1),  # zigzag of (the baseline's made at - the host's)
         "properties" / _TableIndex, make=_host), unique=True, what="host"),
-    "entries" / wl.Array(_HostCount, wl.Struct(
-        "machine" / _Index, "backend" / _Index, "offered" / _Bits, "union" / _Bits,
-        "hosts" / _Runs(), *(name / wl.Array(_HostCount, wl.Struct("value" / leaf, "hosts" / _Runs(), tuple=True))
-                           for name, leaf in zip(_GROUPS, (_Bits, _Bits, _Index), strict=True)), make=_entry)),
+    "entries" / wl.Array(wr.HostCount, wl.Struct(
+        "machine" / _Index, "backend" / _Index, "offered" / _Bits, "union" / _Bits, "defaults_on" / _Bits,
+        "defaults_off" / _Bits, "hosts" / wr.Runs(),
+        *(name / wl.Array(wr.HostCount, wl.Struct("value" / leaf, "hosts" / wr.Runs(), tuple=True))
+          for name, leaf in zip(_GROUPS, (_Bits, _Bits, _Index), strict=True)), make=_entry)),
     "ext" / _NoExt,
     make=_baseline,
 )
@@ -350,24 +319,6 @@ def _index(table: dict[Any, int], item: Any) -> int:
     return table.setdefault(item, len(table))
 
 
-def _runs(hosts: Any) -> list[int]:
-    """Runs of consecutive hosts (sorted): each starts ``skip`` hosts after the host after the previous run."""
-    runs, pos = list[int](), 0
-    for _, group in itertools.groupby(enumerate(hosts), lambda item: item[1] - item[0]):
-        run = [host for _, host in group]
-        runs += (run[0] - pos, len(run) - 1)
-        pos = run[-1] + 2
-    return runs
-
-
-def _grouped(items: tuple[tuple[int, Any], ...], value: Any) -> list[dict[str, Any]]:
-    """(host, x) pairs as groups of the hosts with the same ``value(host, x)``, in increasing order of it."""
-    groups: dict[Any, list[int]] = {}
-    for host, x in items:
-        groups.setdefault(value(host, x), []).append(host)
-    return [{"value": key, "hosts": _runs(groups[key])} for key in sorted(groups)]
-
-
 def _baseline_obj(record: Baseline) -> dict[str, Any]:
     if sum(len(e.hosts) + len(e.removed) + len(e.undetermined) + len(e.missing) for e in record.entries) > MAX_REFS:
         raise EncodeError(f"a baseline's entries name hosts more than {MAX_REFS} times, which a reader refuses")
@@ -383,10 +334,11 @@ def _baseline_obj(record: Baseline) -> dict[str, Any]:
     for e in record.entries:
         ref, removed = e.union & ~e.offered, dict(e.removed)
         entries.append({"machine": _index(strings, e.machine), "backend": _index(strings, e.backend),
-                        "offered": e.offered, "union": e.union, "hosts": _runs(e.hosts),
-                        "removed": _grouped(e.removed, lambda host, bits, ref=ref: bits ^ ref),
-                        "undetermined": _grouped(e.undetermined, lambda host, bits, of=removed: bits ^ of[host]),
-                        "missing": _grouped(e.missing, lambda host, reason: _index(strings, reason))})
+                        "offered": e.offered, "union": e.union, "defaults_on": e.defaults_on,
+                        "defaults_off": e.defaults_off, "hosts": wr.runs(e.hosts),
+                        "removed": wr.grouped(e.removed, lambda host, bits, ref=ref: bits ^ ref),
+                        "undetermined": wr.grouped(e.undetermined, lambda host, bits, of=removed: bits ^ of[host]),
+                        "missing": wr.grouped(e.missing, lambda host, reason: _index(strings, reason))})
     return {"made_at": record.made_at, "strings": list(strings), "properties": list(tables), "hosts": hosts,
             "versions": [dict(zip(_VERSION, v, strict=True)) for v in versions], "entries": entries, "ext": {}}
 
