@@ -14,9 +14,9 @@ well under 50 us.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
+
+from timing import best
 
 from qemu_offload_handshake.core.features import BY_PROPERTY
 from qemu_offload_handshake.core.model import Tri
@@ -71,17 +71,6 @@ def from_json(text: str) -> HostDump:
         tuple(MachineOffers(m["machine"], tuple((k, Tri[v.upper()]) for k, v in m["defaults"].items()),
                             tuple(Offer(*o) for o in m["offers"])) for m in d["machines"]),
         tuple(Unprobed(*u) for u in d["unprobed"]), d["binary"], d["default_machine"])
-
-
-def best(fn: Callable[[], object], repeat: int = 7, number: int = 1) -> float:
-    """The best time of ``repeat`` runs of ``number`` calls, per call."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
-    return min(times)
 
 
 def baseline(count: int) -> Baseline:

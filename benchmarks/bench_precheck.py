@@ -13,14 +13,14 @@ Run as root after scripts/setup.sh:  .venv/bin/python benchmarks/bench_precheck.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+from timing import best_of
 
 from qemu_offload_handshake.api import precheck
 from qemu_offload_handshake.lab import Lab, Nic, VmSpec, prerequisites
@@ -28,15 +28,6 @@ from qemu_offload_handshake.qmp import ReadOnlyQMP, parse_address
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 CONCURRENCY = 32
-
-
-async def best_of(n: int, fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
 
 
 async def floor(src: str, dst: str, commands: int = 1) -> None:

@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 
 from qemu.qmp import ConnectError, QMPClient
+from timing import best_of
 
 from qemu_offload_handshake.dump import dump_host
 from qemu_offload_handshake.lab import prerequisites
@@ -32,15 +32,6 @@ from qemu_offload_handshake.lab.hosts import qemu_command
 from qemu_offload_handshake.scratch import QemuCommand, ScratchNic, scratch_qemu
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-
-
-async def measure(n: int, fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
 
 
 async def bare_start(command: QemuCommand, gone: list[float]) -> None:
@@ -84,9 +75,9 @@ async def scratch_once(command: QemuCommand, parts: dict[str, list[float]]) -> N
 
 async def one_version(label: str, command: QemuCommand) -> float:
     gone: list[float] = []
-    f_best, f_med = await measure(ROUNDS, lambda: bare_start(command, gone))
+    f_best, f_med = await best_of(ROUNDS, lambda: bare_start(command, gone))
     parts: dict[str, list[float]] = {"start": [], "probe": [], "gone": []}
-    s_best, s_med = await measure(ROUNDS, lambda: scratch_once(command, parts))
+    s_best, s_med = await best_of(ROUNDS, lambda: scratch_once(command, parts))
     print(f"   QEMU {label}: floor {f_best * 1e3:6.1f} / {f_med * 1e3:6.1f} ms (kill+reap "
           f"{statistics.median(gone) * 1e3:.1f} ms); scratch {s_best * 1e3:6.1f} / {s_med * 1e3:6.1f} ms = "
           f"{s_best / f_best:.1f}x / {s_med / f_med:.1f}x the floor")

@@ -26,6 +26,8 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from timing import best
+
 from qemu_offload_handshake import (
     CapabilitySet,
     DecodeError,
@@ -102,16 +104,6 @@ def set_to_json(c: CapabilitySet) -> str:
 
 def set_from_json(s: str) -> CapabilitySet:
     return CapabilitySet(tuple(from_dict(d) for d in json.loads(s)))  # type: ignore[misc]
-
-
-def best(fn: Callable[[], object], repeat: int = 7, number: int = 1) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        times.append((time.perf_counter() - start) / number)
-    return min(times)
 
 
 def try_decode(data: bytes) -> str:

@@ -255,9 +255,13 @@ def _check_out(out: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "precheck":
-        dump = cli_cluster.read_dump(args.dest_dump, _key(args)) if args.dest_dump else None
+        key = _key(args)
+        dump = cli_cluster.read_dump(args.dest_dump, key) if args.dest_dump else None
         verdict = asyncio.run(precheck(args.source, args.dest, dest_dump=dump, lenient=args.lenient,
                                        policy=_policy(args), timeout=args.timeout))
+        if dump is not None and key is None:
+            verdict = with_warnings(verdict, [("report-unsigned", f"the dump {args.dest_dump} was not "
+                                                                  "HMAC-verified (no --key-file)")])
         return _print_verdict(verdict, args.json)
     if args.command in cli_cluster.COMMANDS:
         return cli_cluster.run(args)

@@ -155,6 +155,9 @@ async def test_the_profile_makes_a_uso_guest_migrate_to_the_no_uso_host(cluster:
                           "--key-file", str(cluster.key))
     assert (code, data["verdict"]) == (0, "compatible"), data
     assert data["dest_predicted"]["facts"] and "h2" in data["dest_predicted"]["from"]
+    code, unsigned = cli_json("precheck", "--source", good.address, "--dest-dump", str(cluster.dump("h2")))
+    assert (code, unsigned["verdict"]) == (0, "compatible")  # a warning, not a verdict
+    assert "report-unsigned" in {f["code"] for f in unsigned["findings"]}
     code, data = cli_json("precheck", "--source", bad.address, "--dest-dump", str(cluster.dump("h2")),
                           "--key-file", str(cluster.key))
     assert (code, data["verdict"]) == (1, "blocked"), data

@@ -18,6 +18,7 @@ import zlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_wire_hostile import varint
 
 from qemu_offload_handshake import (
     AuthenticationError,
@@ -414,15 +415,6 @@ def test_hostile_baselines_name_the_field(parts: dict[str, str], error: str, fie
     with pytest.raises(DecodeError, match=error) as caught:
         decode(baseline_with(**parts))
     assert caught.value.field == field
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def test_host_references_are_bounded_before_they_are_made() -> None:

@@ -92,11 +92,11 @@ def _check_bitmap(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a bitmap of at most {MAX_BITMAP_BITS} bits: {value:#x}")
 
 
-def _check_items(name: str, items: tuple[object, ...]) -> None:
+def _check_items(name: str, items: tuple[object, ...], limit: int = MAX_ITEMS) -> None:
     if not isinstance(items, tuple):
         raise TypeError(f"{name} must be a tuple")
-    if len(items) > MAX_ITEMS:
-        raise ValueError(f"{name} has more than {MAX_ITEMS} entries")
+    if len(items) > limit:
+        raise ValueError(f"{name} has more than {limit} entries")
 
 
 @dataclass(frozen=True, slots=True)

@@ -294,10 +294,7 @@ class BaselineEntry:
 
 
 def _check_items_big(name: str, items: tuple[object, ...]) -> None:
-    if not isinstance(items, tuple):
-        raise TypeError(f"{name} must be a tuple")
-    if len(items) > MAX_BASELINE_HOSTS:
-        raise ValueError(f"{name} has more than {MAX_BASELINE_HOSTS} entries")
+    _check_items(name, items, MAX_BASELINE_HOSTS)
 
 
 @dataclass(frozen=True, slots=True)
