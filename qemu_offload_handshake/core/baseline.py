@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .features import BY_BIT, BY_PROPERTY, CLEARING_RULES, NEEDS_VNET_HDR, ONLY_VNET_HDR, bits_of, describe_bit
+from .features import BY_BIT, BY_PROPERTY, CLEARING_RULES, NEEDS_VNET_HDR, ONLY_VNET_HDR, bits_of
 from .model import Tri
 from .platform import Baseline, BaselineEntry, BaselineHost, HostDump
 
@@ -28,7 +28,6 @@ __all__ = [
     "causes",
     "check_host",
     "compat_profile",
-    "describe_bits",
     "extend",
     "merge",
 ]
@@ -196,10 +195,6 @@ def causes(baseline: Baseline, entry: BaselineEntry) -> list[tuple[str, int, str
             groups[text] = groups.get(text, 0) | 1 << bit
         out += [(info.host, mask, text) for text, mask in groups.items()]
     return out
-
-
-def describe_bits(bits: int) -> str:
-    return ", ".join(describe_bit(b) for b in bits_of(bits))
 
 
 # ------------------------------------------------------------------------------------------------ new hosts

@@ -39,6 +39,20 @@ def _check_time(name: str, value: object) -> None:
         raise ValueError(f"{name} must be Unix seconds: {value!r}")
 
 
+def _check_host(what: str, host: str, kernel: str, version: tuple[int, int, int] | None, package: str | None,
+                made_at: int) -> None:
+    """What identifies a host in a dump or a baseline: a name, its kernel, its QEMU build, when it was dumped."""
+    _check_str("host", host)
+    if not host:
+        raise ValueError(f"{what} needs a host name")
+    _check_str("kernel", kernel)
+    if version is None:
+        raise ValueError(f"{what} needs the QEMU version")
+    _check_version(version)
+    _check_str("package", package, optional=True)
+    _check_time("made_at", made_at)
+
+
 def _check_sorted(name: str, keys: list[object]) -> None:
     if keys != sorted(set(keys)):  # type: ignore[type-var]
         raise ValueError(f"{name} must be sorted without duplicates: {keys!r:.200}")
@@ -177,17 +191,9 @@ class HostDump:
     default_machine: str | None = None  # that QEMU's default machine type (resolved)
 
     def __post_init__(self) -> None:
-        _check_str("host", self.host)
-        if not self.host:
-            raise ValueError("a dump needs a host name")
-        _check_str("kernel", self.kernel)
-        if self.qemu_version is None:
-            raise ValueError("a dump needs the QEMU version")
-        _check_version(self.qemu_version)
-        _check_str("package", self.package, optional=True)
+        _check_host("a dump", self.host, self.kernel, self.qemu_version, self.package, self.made_at)
         _check_str("binary", self.binary, optional=True)
         _check_str("default_machine", self.default_machine, optional=True)
-        _check_time("made_at", self.made_at)
         _check_properties(self.properties)
         _check_items("machines", self.machines)
         for machine in self.machines:
@@ -231,15 +237,7 @@ class BaselineHost:
     properties: tuple[tuple[str, str], ...] = ()  # its QEMU's catalogue properties and their types
 
     def __post_init__(self) -> None:
-        _check_str("host", self.host)
-        if not self.host:
-            raise ValueError("a baseline host needs a name")
-        _check_str("kernel", self.kernel)
-        if self.qemu_version is None:
-            raise ValueError("a baseline host needs the QEMU version")
-        _check_version(self.qemu_version)
-        _check_str("package", self.package, optional=True)
-        _check_time("made_at", self.made_at)
+        _check_host("a baseline host", self.host, self.kernel, self.qemu_version, self.package, self.made_at)
         _check_properties(self.properties)
 
 
@@ -271,7 +269,7 @@ class BaselineEntry:
         if self.offered & ~self.union:
             raise ValueError(f"{self.machine}/{self.backend}: the AND has bits the OR has not")
         for name in ("hosts", "removed", "undetermined", "missing"):
-            _check_items_big(name, getattr(self, name))
+            _check_items(name, getattr(self, name), MAX_BASELINE_HOSTS)
         _check_sorted("hosts", list(self.hosts))
         _check_sorted("removed hosts", [h for h, _ in self.removed])
         _check_sorted("undetermined hosts", [h for h, _ in self.undetermined])
@@ -293,10 +291,6 @@ class BaselineEntry:
             _check_str("missing reason", reason)
 
 
-def _check_items_big(name: str, items: tuple[object, ...]) -> None:
-    _check_items(name, items, MAX_BASELINE_HOSTS)
-
-
 @dataclass(frozen=True, slots=True)
 class Baseline:
     """The cluster baseline: per (machine type, backend kind), what every host that can run it offers."""
@@ -307,13 +301,13 @@ class Baseline:
 
     def __post_init__(self) -> None:
         _check_time("made_at", self.made_at)
-        _check_items_big("hosts", self.hosts)
+        _check_items("hosts", self.hosts, MAX_BASELINE_HOSTS)
         if not self.hosts:
             raise ValueError("a baseline needs at least one host")
         names = [h.host for h in self.hosts]
         if len(set(names)) != len(names):
             raise ValueError("a host appears twice in the baseline")
-        _check_items_big("entries", self.entries)
+        _check_items("entries", self.entries, MAX_BASELINE_HOSTS)
         _check_sorted("entries", [(e.machine, e.backend) for e in self.entries])
         count = len(self.hosts)
         for entry in self.entries:

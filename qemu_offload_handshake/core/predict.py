@@ -66,15 +66,13 @@ def _offer(dump: HostDump, machine: str, nic: NicReport) -> tuple[Offer | None, 
     return offer, kind, None
 
 
-def _props(nic: NicReport, dump: HostDump, machine: str, same_build: bool,
+def _props(nic: NicReport, dump: HostDump, defaults: dict[str, Tri], same_build: bool,
            findings: list[tuple[str, str, str]]) -> tuple[dict[str, Tri], set[str]]:
     """The destination's property values, and those that cannot be told: a value that differs from the
     destination QEMU's default on this machine type was either set on the command line (then it is the same
     there) or is the default of another QEMU build (the same machine type name has had different defaults across
     builds: USO on pc-q35-8.1 in QEMU 8.2.0-8.2.4 and 8.2.5, NOTES); only the same build settles it."""
     has = dict(dump.properties)
-    offers = dump.machine(machine)
-    defaults = dict(offers.defaults) if offers else {}
     props: dict[str, Tri] = {}
     unsure: set[str] = set()
     for name in has:
@@ -97,11 +95,11 @@ def _props(nic: NicReport, dump: HostDump, machine: str, same_build: bool,
 
 def _predict_nic(nic: NicReport, dump: HostDump, machine: str, offer: Offer, kind: str, same_build: bool,
                  findings: list[tuple[str, str, str]]) -> NicReport:
-    props, unsure = _props(nic, dump, machine, same_build, findings)
-    if nic.vnet_hdr is False:  # e.g. tap with vnet_hdr=off: the same command line has no header there either
-        offer = Offer(offer.backend, offer.offered & ~NEEDS_VNET_HDR, offer.unknown & ~NEEDS_VNET_HDR)
     offers = dump.machine(machine)
     defaults = dict(offers.defaults) if offers else {}
+    props, unsure = _props(nic, dump, defaults, same_build, findings)
+    if nic.vnet_hdr is False:  # e.g. tap with vnet_hdr=off: the same command line has no header there either
+        offer = Offer(offer.backend, offer.offered & ~NEEDS_VNET_HDR, offer.unknown & ~NEEDS_VNET_HDR)
     plain = kind in ("tap", "user")  # a vhost backend may mask any bit of its feature list (vhost_net.c)
     offered, unknown = 0, 0
     for name, value in props.items():
