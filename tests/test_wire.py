@@ -60,15 +60,15 @@ VM_1_1 = VmReport("h1", None, None, None, (
 
 def test_golden_vector_from_the_spec_document() -> None:
     assert decode(GOLDEN_VM) == VM  # a 1.0 record still decodes
-    assert FORMAT_MINOR == 2
-    assert encode(VM) == frame(VM_BODY, minor=2)  # a 1.2 writer: the same body, minor version 2
+    assert FORMAT_MINOR == 3
+    assert encode(VM) == frame(VM_BODY, minor=3)  # a 1.3 writer: the same body, minor version 3
     assert decode(frame(VM_BODY)) == VM
 
 
 def test_golden_vector_1_1_from_the_spec_document() -> None:
     assert len(GOLDEN_VM_1_1) == 12 + 87 + 4
     assert decode(GOLDEN_VM_1_1) == VM_1_1
-    assert encode(VM_1_1) == frame(VM_BODY_1_1, minor=2)  # a 1.2 writer: the same body
+    assert encode(VM_1_1) == frame(VM_BODY_1_1, minor=3)  # a 1.3 writer: the same body
 
 
 def test_golden_host_capabilities_with_a_bit_above_64() -> None:
@@ -76,7 +76,7 @@ def test_golden_host_capabilities_with_a_bit_above_64() -> None:
     body = "00" "0168" "01" "03746170" "09" "010000000000000002" "00"
     record = HostCapabilities("h", None, None, None, (("tap", 1 << 65 | 1),))
     assert decode(frame(body, rtype=2)) == record
-    assert encode(record) == frame(body, rtype=2, minor=2)
+    assert encode(record) == frame(body, rtype=2, minor=3)
 
 
 @pytest.mark.parametrize("bits", [0b1111 << 65, 1 << 255, (1 << 256) - 1, 1 << 68 | 1 << 255 | 1])
@@ -360,7 +360,7 @@ def test_golden_capability_set_shares_strings_and_xors_bitmaps() -> None:
     record = CapabilitySet((HostCapabilities("a", None, None, "q35", (("tap", 0x0F),)),
                             HostCapabilities("b", None, None, "q35", (("tap", 0x0D),))))
     assert decode(frame(body, rtype=3)) == record
-    assert encode(record) == frame(body, rtype=3, minor=2)
+    assert encode(record) == frame(body, rtype=3, minor=3)
     out_of_table = frame("02" "03746170" "03713335" "00" "01" "00" "010f" "01" "04" "0161" "07" "01" "00" "00" "00",
                          rtype=3)
     with pytest.raises(DecodeError, match="index 7 outside"):

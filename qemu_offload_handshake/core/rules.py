@@ -70,6 +70,9 @@ RULES: dict[str, Rule] = {
     "dest-undetermined": Rule(_U, _U, "the dump cannot tell the destination (not probed there, backend unknown)"),
     "predicted-property-absent": Rule(_W, _W, "a property of the source does not exist on the destination's QEMU"),
     "predicted-default-differs": Rule(_U, _W, "a property differs from the destination QEMU's default: undetermined"),
+    # the handshake between hosts (handshake, answer, serve)
+    "handshake": Rule(_I, _I, "the destination host answered the handshake: from what (incoming, scratch, dump)"),
+    "handshake-disagrees": Rule(_U, _U, "the destination's own verdict differs from this side's on the same reports"),
     # policy
     "policy-on": Rule(_B, _B, "policy requires a feature a side does not offer"),
     "policy-off": Rule(_A, _A, "policy requires a feature off: turned off on the destination"),

@@ -5,11 +5,13 @@
 the input, and bounds every length and count before it allocates, so memory stays proportional to the input.
 
 This module is the frame (header, CRC-32, HMAC); the bodies are the compiled construct layouts of
-``wire_records`` (types 1-3) and ``wire_platform`` (4 host dump and 5 baseline, since 1.2), whose leaves are the
-checked leaves of ``wire_layout`` (never construct's own, which trust their input). Decoding is one pass over the
+``wire_records`` (types 1-3), ``wire_platform`` (4 host dump and 5 baseline, since 1.2) and ``wire_handshake``
+(6 offer, 7 answer and 8 refusal of the handshake, since 1.3), whose leaves are the checked leaves of
+``wire_layout`` (never construct's own, which trust their input). Decoding is one pass over the
 body: each NIC, host and offer is checked and turned into model objects as it is read (a backend kind, NIC or host
 given twice is refused when it is read), a failure names its field (``nics[1].offered_unknown``) without parsing
-again, and bytes left after the body's fields are an error.
+again, and bytes left after the body's fields are an error. An offer or answer of a handshake protocol version
+this side does not speak is an ``UnsupportedVersionError`` naming the field ``version``.
 Time and memory are proportional to the input; ``benchmarks/bench_wire.py`` measures hostile input against
 valid input of the same size.
 """
@@ -26,8 +28,12 @@ import construct as cs
 
 from . import wire_layout as wl
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
+from .exchange import Answer, Offer, Refusal
 from .model import CapabilitySet, HostCapabilities, VmReport
 from .platform import Baseline, HostDump
+from .wire_handshake import COMPILED as HANDSHAKE_COMPILED
+from .wire_handshake import VersionMismatch
+from .wire_handshake import body_obj as handshake_body_obj
 from .wire_platform import COMPILED as PLATFORM_COMPILED
 from .wire_platform import body_obj as platform_body_obj
 from .wire_records import COMPILED as RECORD_COMPILED
@@ -45,12 +51,13 @@ __all__ = [
 
 MAGIC = b"QOHS"
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2  # 1.1: VM and NIC extensions; 1.2: record types 4 (host dump) and 5 (baseline)
+FORMAT_MINOR = 3  # 1.1: VM and NIC extensions; 1.2: record types 4 (host dump) and 5 (baseline)
+# 1.3: record types 6-8 (handshake offer, answer, refusal)
 FLAG_HMAC = 0x01
 HEADER_SIZE, CRC_SIZE, MAC_SIZE = 12, 4, 32
 
-Record = VmReport | HostCapabilities | CapabilitySet | HostDump | Baseline
-COMPILED = RECORD_COMPILED | PLATFORM_COMPILED  # record type -> body layout
+Record = VmReport | HostCapabilities | CapabilitySet | HostDump | Baseline | Offer | Answer | Refusal
+COMPILED = RECORD_COMPILED | PLATFORM_COMPILED | HANDSHAKE_COMPILED  # record type -> body layout
 
 # The fixed 12-byte header, read only once the input has 12 bytes: magic, major, minor, type, flags, length
 # (struct rather than a construct Struct: its Container cost a third of decoding a small record).
@@ -62,10 +69,10 @@ _MAGIC_INT = int.from_bytes(MAGIC, "big")
 
 def encode(record: Record, *, key: bytes | None = None) -> bytes:
     """The wire bytes of a record; signed with HMAC-SHA256 when ``key`` is given."""
-    typed = body_obj(record) or platform_body_obj(record)
+    typed = body_obj(record) or platform_body_obj(record) or handshake_body_obj(record)
     if typed is None:
         raise EncodeError(f"cannot encode {type(record).__name__}: expected a VmReport, HostCapabilities, "
-                          "CapabilitySet, HostDump or Baseline")
+                          "CapabilitySet, HostDump or Baseline, or an Offer, Answer or Refusal")
     rtype, obj = typed
     if key is not None and not key:
         raise EncodeError("an empty HMAC key signs nothing")
@@ -94,8 +101,9 @@ def _parse_body(rtype: int, body: bytes) -> Record:
         if stream.tell() != len(body):
             raise wl.FieldError(f"malformed body: {len(body) - stream.tell()} bytes after its last field",
                                 offset=stream.tell())
-    except wl.FieldError as err:
-        raise DecodeError(err.message, offset=HEADER_SIZE + (err.offset or 0), field=err.field) from None
+    except wl.FieldError as err:  # a handshake peer of another protocol version: UnsupportedVersionError
+        error = UnsupportedVersionError if isinstance(err, VersionMismatch) else DecodeError
+        raise error(err.message, offset=HEADER_SIZE + (err.offset or 0), field=err.field) from None
     except Exception as err:  # a bug rather than bad input; still only DecodeError leaves decode()
         raise DecodeError(f"malformed body: {type(err).__name__}: {err}", offset=HEADER_SIZE) from err
     return record
