@@ -24,14 +24,14 @@ from .core.verdict import Finding, Outcome, Verdict
 from .core.wire import decode, encode
 
 if TYPE_CHECKING:
-    from .api import precheck, probe
+    from .api import handshake, precheck, probe
 
 
 def __getattr__(name: str) -> Any:
     """The async API (``precheck``, ``probe``) loads on first use, so that importing the sans-IO core (catalogue,
     model, wire format, decision) pulls in neither asyncio nor qemu.qmp. The probing module is ``probing``, so
     nothing named ``probe`` ever shadows the function."""
-    if name in ("precheck", "probe"):
+    if name in ("handshake", "precheck", "probe"):
         from . import api
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -63,6 +63,7 @@ __all__ = [
     "decide",
     "decode",
     "encode",
+    "handshake",
     "precheck",
     "probe",
 ]

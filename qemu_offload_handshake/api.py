@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
+import ssl
+import time
+from collections.abc import Sequence
 
+from .core.conclude import verdict_of
 from .core.decide import Mode, Verdict, decide
 from .core.errors import HandshakeError, UsageError
+from .core.exchange import Offer, Refusal
 from .core.model import VmReport
 from .core.platform import HostDump
 from .core.policy import Policy
@@ -19,7 +25,7 @@ from .core.predict import decide_from_dump
 from .probing import probe_vm
 from .qmp import ReadOnlyQMP, describe, parse_address
 
-__all__ = ["precheck", "probe"]
+__all__ = ["handshake", "precheck", "probe"]
 
 
 async def probe(address: str, *, timeout: float = 5.0, host: str | None = None,
@@ -67,3 +73,45 @@ async def precheck(source: str, dest: str | None = None, *, dest_dump: HostDump 
     assert dest is not None
     (src, p1), (dst, p2) = await asyncio.gather(_side(source, "source", timeout), _side(dest, "destination", timeout))
     return decide(src, dst, mode=mode, policy=policy, problems=[p for p in (p1, p2) if p])
+
+
+async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.SSLContext | None = None,
+                    ssh: str | None = None, remote_command: str | None = None, ssh_options: Sequence[str] = (),
+                    dest: str | None = None, lenient: bool = False, policy: Policy | None = None,
+                    timeout: float = 5.0, answer_timeout: float = 60.0) -> Verdict:
+    """Probe ``source`` (a local QMP address), offer its report to the destination host and decide from its
+    answer: over TLS to an agent (``agent="HOST:PORT"`` with ``ssl_context`` from ``transport.client_context``;
+    None: plaintext, loopback only) or through ``ssh`` (``ssh="[USER@]HOST"`` or ``ssh://USER@HOST:PORT``, running
+    ``remote_command``, default ``python3 -m qemu_offload_handshake answer``). ``dest``: the incoming QEMU's QMP
+    address as seen on the destination host (None: the destination starts a scratch QEMU like the source, or
+    answers from its dump). The verdict is the one a direct ``precheck`` of the pair gives, with how the
+    destination got its truth (finding ``handshake``). Like ``precheck``, a destination that cannot be asked, or
+    refuses, is an ``unknown`` verdict with the reason, not a raise; bad arguments raise ``UsageError``."""
+    from .transport import DEFAULT_REMOTE_COMMAND, ExchangeError, exchange_ssh, exchange_tls, parse_hostport
+
+    if (agent is None) == (ssh is None):
+        raise UsageError("give either agent (HOST:PORT) or ssh (a destination for ssh), not both or neither")
+    parse_address(source)
+    target = parse_hostport(agent, "agent") if agent is not None else None
+    for name, value in (("timeout", timeout), ("answer_timeout", answer_timeout)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+    mode = Mode.LENIENT if lenient else Mode.STRICT
+    src, problem = await _side(source, "source", timeout)
+    if src is None:
+        return decide(None, None, mode=mode, policy=policy, problems=[problem or "the source was not probed"])
+    offer = Offer(src, secrets.token_bytes(16), time.time_ns() // 1_000_000, mode,
+                  tuple(sorted((policy or Policy()).properties.items())), dest)
+    try:
+        if target is not None:
+            reply = await exchange_tls(offer, *target, ssl_context=ssl_context, timeout=answer_timeout)
+        else:
+            assert ssh is not None
+            reply = await exchange_ssh(offer, ssh, remote_command=remote_command or DEFAULT_REMOTE_COMMAND,
+                                       ssh_options=ssh_options, timeout=answer_timeout)
+    except ExchangeError as err:
+        return decide(src, None, mode=mode, policy=policy, problems=[f"the destination could not be asked: {err}"])
+    if isinstance(reply, Refusal):
+        return decide(src, None, mode=mode, policy=policy,
+                      problems=[f"the destination refused the offer ({reply.code}): {reply.message}"])
+    return verdict_of(offer, reply)

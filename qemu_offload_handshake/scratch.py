@@ -88,12 +88,13 @@ _instances = itertools.count(1)
 @dataclass(frozen=True, slots=True)
 class ScratchNic:
     """One NIC of a scratch QEMU: its qdev id, backend kind (``BACKENDS``, or None: no netdev at all), extra
-    ``-device`` properties and driver."""
+    ``-device`` properties, driver, and a tap's queue pairs (QEMU then makes a multi-queue tap)."""
 
     id: str
     backend: str | None = "tap"
     props: tuple[tuple[str, str], ...] = ()
     driver: str = "virtio-net-pci"
+    queues: int = 1
 
     def __post_init__(self) -> None:
         for what, name in (("NIC id", self.id), ("driver", self.driver), *(("property", k) for k, _ in self.props)):
@@ -103,6 +104,8 @@ class ScratchNic:
             raise UsageError(f"NIC {self.id}: backend {self.backend!r} is none of {', '.join(BACKENDS)}")
         if any(not isinstance(v, str) for _, v in self.props):
             raise UsageError(f"NIC {self.id}: property values must be text")
+        if isinstance(self.queues, bool) or not isinstance(self.queues, int) or not 1 <= self.queues <= 1024:
+            raise UsageError(f"NIC {self.id}: queues must be 1 to 1024, not {self.queues!r}")
 
     @classmethod
     def make(cls, id: str, backend: str | None = "tap", *, driver: str = "virtio-net-pci",
@@ -177,7 +180,8 @@ class ScratchQemu:
             return f"user,id=hn{index}"
         if nic.backend in ("tap", "tap-vhost"):
             vhost = ",vhost=on" if nic.backend == "tap-vhost" else ""
-            return f"tap,id=hn{index},ifname={self.taps[nic.id]},script=no,downscript=no{vhost}"
+            queues = f",queues={nic.queues}" if nic.queues > 1 else ""
+            return f"tap,id=hn{index},ifname={self.taps[nic.id]},script=no,downscript=no{vhost}{queues}"
         return None
 
     def _argv(self, sock: Path) -> list[str]:
