@@ -159,17 +159,20 @@ class Agent:
         refusal = self.replays.check(offer, _now_ms())
         if refusal is not None:
             return await self._refuse(conn, writer, refusal)
-        if self._slots.locked() and self._waiting >= limits.max_waiting:
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot is taken at once, without yielding to other connections
+        elif self._waiting >= limits.max_waiting:
             return await self._refuse(conn, writer, Refusal("busy", f"{limits.max_concurrent} handshakes answered "
                                                                     f"and {self._waiting} waiting", offer.nonce))
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), limits.wait_deadline)
-        except TimeoutError:
-            return await self._refuse(conn, writer, Refusal("busy", f"no free slot within {limits.wait_deadline:g} s",
-                                                            offer.nonce))
-        finally:
-            self._waiting -= 1
+        else:
+            self._waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), limits.wait_deadline)
+            except TimeoutError:
+                return await self._refuse(conn, writer, Refusal("busy", f"no free slot within "
+                                                                        f"{limits.wait_deadline:g} s", offer.nonce))
+            finally:
+                self._waiting -= 1
         try:
             try:
                 answer = await asyncio.wait_for(answer_offer(offer, self.dest), limits.answer_deadline)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import ssl
+import time
 from collections.abc import Sequence
 
 from .core.errors import HandshakeError, UsageError
@@ -27,6 +28,7 @@ __all__ = ["DEFAULT_REMOTE_COMMAND", "ExchangeError", "client_context", "exchang
 
 DEFAULT_REMOTE_COMMAND = "python3 -m qemu_offload_handshake answer"
 _READ = 65536
+_CERT = "qoh_cert_file"
 
 
 class ExchangeError(HandshakeError):
@@ -66,6 +68,7 @@ def _context(purpose: ssl.Purpose, cert: str, key: str, ca: str) -> ssl.SSLConte
             files = f"{cert}, {key}" if what != "--ca" else ca
             raise UsageError(f"{what} {files}: {getattr(err, 'strerror', None) or err}") from err
     ctx.verify_mode = ssl.CERT_REQUIRED
+    setattr(ctx, _CERT, cert)
     return ctx
 
 
@@ -77,6 +80,32 @@ def server_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
 def client_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
     """The source's: TLS 1.3 only, the agent's certificate checked against ``ca`` and the agent's host name."""
     return _context(ssl.Purpose.SERVER_AUTH, cert, key, ca)
+
+
+def _ticketed(writer: asyncio.StreamWriter | None) -> bool:
+    """Whether the agent sent a TLS 1.3 session ticket: it does once it accepted this side's certificate, and
+    never when it refused it (it closes instead; seen with Python's ssl on OpenSSL 3.0: the client reads only end of
+    stream or a reset, not the alert)."""
+    obj = writer.get_extra_info("ssl_object") if writer is not None else None
+    session = getattr(obj, "session", None)
+    return bool(session is not None and session.has_ticket)
+
+
+def refused_certificate(ctx: ssl.SSLContext) -> str:
+    """Why the agent refused this side's certificate, as far as this side can tell from the certificate."""
+    path = getattr(ctx, _CERT, None)
+    head = "the agent refused this side's certificate at the TLS handshake"
+    try:
+        cert = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # the stdlib's PEM reader
+        now = time.time()
+        if ssl.cert_time_to_seconds(cert["notAfter"]) < now:
+            return f"{head}: it has expired ({path}: not after {cert['notAfter']})"
+        if ssl.cert_time_to_seconds(cert["notBefore"]) > now:
+            return f"{head}: it is not valid yet ({path}: not before {cert['notBefore']})"
+        issuer = ", ".join(f"{k}={v}" for rdn in cert.get("issuer", ()) for k, v in rdn)
+    except Exception:
+        return f"{head} (not signed by a CA it trusts, expired, or not for client authentication)"
+    return f"{head}: its CA did not sign it, or it is not for client authentication ({path}: issued by {issuer})"
 
 
 def tls_reason(err: BaseException) -> str:
@@ -126,11 +155,13 @@ async def exchange_tls(offer: Offer, host: str, port: int, *, ssl_context: ssl.S
         raise ExchangeError(f"{where} did not answer within {timeout:g} s") from err
     except ssl.SSLError as err:
         raise ExchangeError(f"{where}: {tls_reason(err)}") from err
-    except ProtocolError as err:
-        raise ExchangeError(f"{where}: {err}") from err
     except ConnectionRefusedError as err:
         raise ExchangeError(f"{where} refused the connection (is the agent running?)") from err
-    except (ConnectionError, OSError) as err:
+    except (ProtocolError, ConnectionError, OSError) as err:
+        if ssl_context is not None and writer is not None and not _ticketed(writer):
+            raise ExchangeError(f"{where}: {refused_certificate(ssl_context)}") from err
+        if isinstance(err, ProtocolError):
+            raise ExchangeError(f"{where}: {err}") from err
         raise ExchangeError(f"{where}: the connection failed: {err.strerror or err}") from err
     finally:
         if writer is not None:

@@ -63,6 +63,56 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt_update; log "installing ${missing[*]}"; apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 
+# --- 2b. OpenSSH for the ssh transport tests (the lab runs its own sshd on loopback: lab/sshd.py) -----------
+# Installed only: no ssh service is started now, nor at boot. A policy-rc.d that refuses every start guards the
+# install (ours only if the machine has none, removed afterwards); when this install put openssh-server there, the
+# boot-time service its package enables is disabled again and Debian's own switch /etc/ssh/sshd_not_to_be_run
+# (honoured by ssh.service, ssh.socket and /etc/init.d/ssh) keeps the host-wide sshd off. A host-wide sshd that
+# appears during the install is stopped.
+host_sshds() { # pids of sshd processes that are not the lab's (their command line names no qoh-sshd- folder)
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(readlink "$p/exe" 2>/dev/null)" = /usr/sbin/sshd ] || continue
+    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q 'qoh-sshd-' && continue
+    printf '%s\n' "${p#/proc/}"
+  done
+}
+missing=()
+for p in openssh-server openssh-client; do
+  have_pkg "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_update
+  before=$(host_sshds | sort)
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# scripts/setup.sh: no service starts while it installs packages\nexit 101\n' \
+      > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  server_new=0
+  have_pkg openssh-server || server_new=1
+  if [ "$server_new" = 1 ] && [ ! -e /etc/ssh/sshd_not_to_be_run ]; then
+    mkdir -p /etc/ssh
+    echo "made by $ROOT/scripts/setup.sh: openssh-server is here for the tests' own sshd only" \
+      > /etc/ssh/sshd_not_to_be_run
+  fi
+  log "installing ${missing[*]} (no ssh service is started or enabled)"
+  apt-get install -y -q "${missing[@]}" >/dev/null
+  if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  if [ "$server_new" = 1 ]; then # the package enables ssh.service at boot: undo that (works without systemd running)
+    if command -v systemctl >/dev/null; then systemctl disable --quiet ssh.service ssh.socket 2>/dev/null || true
+    elif command -v update-rc.d >/dev/null; then update-rc.d ssh disable >/dev/null 2>&1 || true; fi
+  fi
+  for pid in $(comm -13 <(printf '%s\n' "$before") <(host_sshds | sort)); do
+    log "stopping the host-wide sshd $pid the install started"
+    kill "$pid" 2>/dev/null || true
+  done
+fi
+[ -x /usr/sbin/sshd ] || die "/usr/sbin/sshd is missing after installing openssh-server"
+
 # --- 3. QEMU 7.2 unpacked beside the system's QEMU ------------------------------------------------------
 Q72=$CACHE/qemu-7.2
 if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then

@@ -47,11 +47,13 @@ async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def agent(pki: Pki, *args: str, listen: str = "127.0.0.1:0") -> AsyncIterator[Agent]:
-    """A real agent subprocess with the lab's PKI; stopped with SIGTERM (it cleans up), then checked gone."""
+async def agent(pki: Pki, *args: str, listen: str = "127.0.0.1:0", insecure: bool = False) -> AsyncIterator[Agent]:
+    """A real agent subprocess with the lab's PKI (or plaintext on loopback); stopped with SIGTERM (it cleans up),
+    then checked gone."""
+    certs = ["--insecure"] if insecure else ["--cert", str(pki.server_cert), "--key", str(pki.server_key),
+                                             "--ca", str(pki.ca)]
     proc = await asyncio.create_subprocess_exec(
-        PY, "-m", "qemu_offload_handshake", "serve", "--listen", listen, "--cert", str(pki.server_cert),
-        "--key", str(pki.server_key), "--ca", str(pki.ca), *args,
+        PY, "-m", "qemu_offload_handshake", "serve", "--listen", listen, *certs, *args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
     try:
