@@ -87,12 +87,21 @@ async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.S
     answers from its dump). The verdict is the one a direct ``precheck`` of the pair gives, with how the
     destination got its truth (finding ``handshake``). Like ``precheck``, a destination that cannot be asked, or
     refuses, is an ``unknown`` verdict with the reason, not a raise; bad arguments raise ``UsageError``."""
-    from .transport import DEFAULT_REMOTE_COMMAND, ExchangeError, exchange_ssh, exchange_tls, parse_hostport
+    from .transport import (
+        DEFAULT_REMOTE_COMMAND,
+        ExchangeError,
+        check_ssh_destination,
+        exchange_ssh,
+        exchange_tls,
+        parse_hostport,
+    )
 
     if (agent is None) == (ssh is None):
         raise UsageError("give either agent (HOST:PORT) or ssh (a destination for ssh), not both or neither")
     parse_address(source)
     target = parse_hostport(agent, "agent") if agent is not None else None
+    if ssh is not None:
+        check_ssh_destination(ssh)
     for name, value in (("timeout", timeout), ("answer_timeout", answer_timeout)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")

@@ -23,8 +23,8 @@ from .core.errors import HandshakeError, UsageError
 from .core.exchange import Answer, Offer, Refusal
 from .core.protocol import MAX_FRAME_BYTES, NEED_DATA, Connection, ProtocolError, Role
 
-__all__ = ["DEFAULT_REMOTE_COMMAND", "ExchangeError", "client_context", "exchange_ssh", "exchange_tls",
-           "is_loopback", "parse_hostport", "server_context"]
+__all__ = ["DEFAULT_REMOTE_COMMAND", "ExchangeError", "check_ssh_destination", "client_context", "exchange_ssh",
+           "exchange_tls", "is_loopback", "parse_hostport", "refused_certificate", "server_context"]
 
 DEFAULT_REMOTE_COMMAND = "python3 -m qemu_offload_handshake answer"
 _READ = 65536
@@ -43,6 +43,12 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"{what} {text!r}: expected HOST:PORT (e.g. 10.0.0.2:7447 or [::1]:7447)")
     return host, int(port)
+
+
+def check_ssh_destination(destination: str) -> None:
+    """An ssh destination, never an option in disguise."""
+    if not destination or destination.startswith("-") or any(c.isspace() for c in destination):
+        raise UsageError(f"--ssh {destination!r}: expected [USER@]HOST or ssh://[USER@]HOST[:PORT]")
 
 
 def is_loopback(host: str) -> bool:
@@ -175,8 +181,7 @@ async def exchange_ssh(offer: Offer, destination: str, *, remote_command: str = 
                        key: bytes | None = None, max_frame: int = MAX_FRAME_BYTES) -> Answer | Refusal:
     """Run ``ssh [-o OPTION]... DESTINATION REMOTE_COMMAND`` with the offer on its stdin and read the answer from
     its stdout, all within ``timeout`` seconds (then ssh is killed)."""
-    if not destination or destination.startswith("-"):
-        raise UsageError(f"--ssh {destination!r}: expected [USER@]HOST or ssh://[USER@]HOST[:PORT]")
+    check_ssh_destination(destination)
     argv = [ssh, *(a for opt in ssh_options for a in ("-o", opt)), "-T", "-e", "none", "--", destination,
             remote_command]
     conn = Connection(Role.SOURCE, key=key, max_frame=max_frame)

@@ -236,3 +236,34 @@ def test_probe_can_still_be_replaced_and_restored(monkeypatch: pytest.MonkeyPatc
     assert q.probe is stand_in
     monkeypatch.undo()
     assert q.probe is probe
+
+
+# --- handshake, serve, answer ---
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["handshake", "--agent", "127.0.0.1:7447"], "TLS needs --cert, --key and --ca (missing --cert, --key, --ca)"),
+    (["handshake", "--agent", "10.0.0.2:7447", "--insecure"], "--insecure only to a loopback address"),
+    (["handshake", "--agent", "nowhere", "--insecure"], "--agent 'nowhere': expected HOST:PORT"),
+    (["handshake", "--ssh", "root@h", "--insecure"], "--cert, --key, --ca and --insecure are for --agent"),
+    (["handshake", "--agent", "127.0.0.1:1", "--insecure", "--ssh-option", "X=y"], "are for --ssh"),
+    (["handshake", "--agent", "127.0.0.1:1", "--cert", "/nonexistent.pem", "--key", "/nonexistent.key", "--ca",
+      "/nonexistent-ca.pem"], "--cert/--key /nonexistent.pem, /nonexistent.key: No such file or directory"),
+    (["handshake", "--ssh=-oProxyCommand=x"], "--ssh '-oProxyCommand=x': expected [USER@]HOST"),
+])
+def test_handshake_arguments_that_cannot_work(args: list[str], named: str,
+                                              listener: tuple[str, socket.socket]) -> None:
+    path, sock = listener
+    err = usage_error(args[0], "--source", path, *args[1:])
+    assert named in err, err
+    assert_not_probed(sock)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["serve", "--listen", "0.0.0.0:0", "--insecure"], "--insecure only on a loopback address, not 0.0.0.0"),
+    (["serve", "--listen", "127.0.0.1:0"], "TLS needs --cert, --key and --ca"),
+    (["serve", "--listen", "127.0.0.1:0", "--insecure", "--cert", "x"], "--insecure takes no --cert"),
+    (["serve", "--listen", "127.0.0.1:0", "--insecure", "--no-scratch"], "--no-scratch needs --dump"),
+    (["answer", "--dump", "/nonexistent.dump"], "/nonexistent.dump"),
+])
+def test_agent_arguments_that_cannot_work(args: list[str], named: str) -> None:
+    assert named in usage_error(*args)
