@@ -21,11 +21,12 @@ import contextlib
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .answering import Destination, answer_offer
-from .core.exchange import Offer, Refusal
+from .core.exchange import Offer, Prepare, Refusal
+from .core.model import VmReport
 from .core.protocol import DEFAULT_WINDOW_MS, MAX_FRAME_BYTES, NEED_DATA, Connection, ProtocolError, ReplayGuard, Role
 from .transport import is_loopback
 
@@ -56,13 +57,34 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def _read_offer(conn: Connection, reader: asyncio.StreamReader) -> Offer:
-    event = conn.next_event()
-    while event is NEED_DATA:
-        conn.receive_data(await reader.read(_READ))
+async def _read_offer(conn: Connection, reader: asyncio.StreamReader,
+                      on_prepare: Callable[[Prepare], Awaitable[None]]) -> Offer:
+    while True:
         event = conn.next_event()
-    assert isinstance(event, Offer)
-    return event
+        while event is NEED_DATA:
+            conn.receive_data(await reader.read(_READ))
+            event = conn.next_event()
+        if isinstance(event, Prepare):
+            await on_prepare(event)
+            continue
+        assert isinstance(event, Offer)
+        return event
+
+
+async def _discard(task: asyncio.Future[VmReport] | None) -> None:
+    """End a prepared probe nobody will use (its outcome, an error included, is dropped)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
+@dataclass
+class _Turn:
+    """One connection's share of the limits: whether it holds a slot, and its prepared probe."""
+
+    holding: bool = False
+    prepared: asyncio.Future[VmReport] | None = None
 
 
 class Agent:
@@ -145,10 +167,29 @@ class Agent:
         return f"refused {refusal.code}: {refusal.message}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
-        limits = self.limits
-        conn = Connection(Role.DEST, key=self.key, max_frame=limits.max_frame)
+        turn = _Turn()
         try:
-            offer = await asyncio.wait_for(_read_offer(conn, reader), limits.offer_deadline)
+            return await self._answer(conn=Connection(Role.DEST, key=self.key, max_frame=self.limits.max_frame),
+                                      reader=reader, writer=writer, turn=turn)
+        finally:
+            await _discard(turn.prepared)
+            if turn.holding:
+                self._slots.release()
+
+    async def _answer(self, *, conn: Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      turn: _Turn) -> str:
+        limits = self.limits
+
+        async def on_prepare(prepare: Prepare) -> None:
+            """Probe the incoming QEMU while the source probes its own, if a slot is free at once (a prepare never
+            gets past the limits)."""
+            if not self._slots.locked():
+                await self._slots.acquire()  # free: taken without yielding to other connections
+                turn.holding = True
+                turn.prepared = asyncio.ensure_future(self.dest.probe_incoming(prepare.dest_address))
+
+        try:
+            offer = await asyncio.wait_for(_read_offer(conn, reader, on_prepare), limits.offer_deadline)
         except TimeoutError:
             return await self._refuse(conn, writer, Refusal("deadline", f"no whole offer within "
                                                                         f"{limits.offer_deadline:g} s"))
@@ -159,28 +200,30 @@ class Agent:
         refusal = self.replays.check(offer, _now_ms())
         if refusal is not None:
             return await self._refuse(conn, writer, refusal)
-        if not self._slots.locked():
-            await self._slots.acquire()  # a free slot is taken at once, without yielding to other connections
-        elif self._waiting >= limits.max_waiting:
-            return await self._refuse(conn, writer, Refusal("busy", f"{limits.max_concurrent} handshakes answered "
-                                                                    f"and {self._waiting} waiting", offer.nonce))
-        else:
-            self._waiting += 1
-            try:
-                await asyncio.wait_for(self._slots.acquire(), limits.wait_deadline)
-            except TimeoutError:
-                return await self._refuse(conn, writer, Refusal("busy", f"no free slot within "
-                                                                        f"{limits.wait_deadline:g} s", offer.nonce))
-            finally:
-                self._waiting -= 1
+        if not turn.holding:
+            if not self._slots.locked():
+                await self._slots.acquire()  # a free slot is taken at once, without yielding to other connections
+            elif self._waiting >= limits.max_waiting:
+                return await self._refuse(conn, writer, Refusal("busy", f"{limits.max_concurrent} handshakes "
+                                                                        f"answered and {self._waiting} waiting",
+                                                                offer.nonce))
+            else:
+                self._waiting += 1
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), limits.wait_deadline)
+                except TimeoutError:
+                    return await self._refuse(conn, writer, Refusal("busy", f"no free slot within "
+                                                                            f"{limits.wait_deadline:g} s",
+                                                                    offer.nonce))
+                finally:
+                    self._waiting -= 1
+            turn.holding = True
         try:
-            try:
-                answer = await asyncio.wait_for(answer_offer(offer, self.dest), limits.answer_deadline)
-            except TimeoutError:
-                return await self._refuse(conn, writer, Refusal("failed", f"no answer within "
-                                                                          f"{limits.answer_deadline:g} s", offer.nonce))
-        finally:
-            self._slots.release()
+            answer = await asyncio.wait_for(answer_offer(offer, self.dest, incoming=turn.prepared),
+                                            limits.answer_deadline)
+        except TimeoutError:
+            return await self._refuse(conn, writer, Refusal("failed", f"no answer within "
+                                                                      f"{limits.answer_deadline:g} s", offer.nonce))
         writer.write(conn.send(answer))
         await asyncio.wait_for(writer.drain(), limits.offer_deadline)
         self.answered += 1
@@ -198,20 +241,28 @@ async def answer_stdio(dest: Destination, *, limits: Limits | None = None, key: 
         stdin = asyncio.StreamReader(limit=limits.max_frame)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
     conn = Connection(Role.DEST, key=key, max_frame=limits.max_frame)
+    turn = _Turn()
+
+    async def on_prepare(prepare: Prepare) -> None:
+        turn.prepared = asyncio.ensure_future(dest.probe_incoming(prepare.dest_address))
+
     try:
-        offer = await asyncio.wait_for(_read_offer(conn, stdin), limits.offer_deadline)
-    except TimeoutError:
-        refusal = Refusal("deadline", f"no whole offer on stdin within {limits.offer_deadline:g} s")
-        return conn.send(refusal), f"refused: {refusal.message}"
-    except ProtocolError as err:
-        refusal = Refusal(getattr(err, "code", "malformed"), str(err)[:900])
-        return conn.send(refusal), f"refused: {refusal.message}"
-    stale = ReplayGuard(window_ms=limits.window_ms).check(offer, _now_ms())
-    if stale is not None:
-        return conn.send(stale), f"refused: {stale.message}"
-    try:
-        answer = await asyncio.wait_for(answer_offer(offer, dest), limits.answer_deadline)
-    except TimeoutError:
-        refusal = Refusal("failed", f"no answer within {limits.answer_deadline:g} s", offer.nonce)
-        return conn.send(refusal), f"refused: {refusal.message}"
-    return conn.send(answer), f"answered {answer.outcome.value} from {answer.truth.value}"
+        try:
+            offer = await asyncio.wait_for(_read_offer(conn, stdin, on_prepare), limits.offer_deadline)
+        except TimeoutError:
+            refusal = Refusal("deadline", f"no whole offer on stdin within {limits.offer_deadline:g} s")
+            return conn.send(refusal), f"refused: {refusal.message}"
+        except ProtocolError as err:
+            refusal = Refusal(getattr(err, "code", "malformed"), str(err)[:900])
+            return conn.send(refusal), f"refused: {refusal.message}"
+        stale = ReplayGuard(window_ms=limits.window_ms).check(offer, _now_ms())
+        if stale is not None:
+            return conn.send(stale), f"refused: {stale.message}"
+        try:
+            answer = await asyncio.wait_for(answer_offer(offer, dest, incoming=turn.prepared), limits.answer_deadline)
+        except TimeoutError:
+            refusal = Refusal("failed", f"no answer within {limits.answer_deadline:g} s", offer.nonce)
+            return conn.send(refusal), f"refused: {refusal.message}"
+        return conn.send(answer), f"answered {answer.outcome.value} from {answer.truth.value}"
+    finally:
+        await _discard(turn.prepared)

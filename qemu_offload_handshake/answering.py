@@ -3,7 +3,9 @@
 In this order (``answer_offer``):
 
 1. the offer names the incoming QEMU's QMP address on this host: probe it, read-only (``api.probe``: the
-   precheck's allowlist), and decide against it; if it cannot be read, the answer is ``unknown`` with why;
+   precheck's allowlist), and decide against it; if it cannot be read, the answer is ``unknown`` with why. A QEMU
+   monitor serves one client at a time, so probes of one address take turns (``Destination.probe_incoming``); a
+   probe may start when the source's ``Prepare`` arrives, before its offer (``incoming``);
 2. otherwise this host's QEMU (``Destination.qemu``) is started as a scratch QEMU (``scratch.py``) with the
    offered VM's machine type and NICs: per NIC the same backend kind, the same effective offload property values
    (those this QEMU has; a property it lacks stays away, as it would from a command line that works here), the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 
 from .api import probe
@@ -56,6 +58,21 @@ class Destination:
     timeout: float = DEFAULT_TIMEOUT  # per QMP command and for a scratch QEMU's start
     _props: dict[str, str] | None = field(default=None, repr=False)  # this QEMU's virtio-net-pci properties
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    # per incoming QMP address: its lock and how many probes hold or wait for it (forgotten at zero)
+    _monitors: dict[str, tuple[asyncio.Lock, list[int]]] = field(default_factory=dict, repr=False)
+
+    async def probe_incoming(self, address: str) -> VmReport:
+        """The incoming QEMU at ``address``, probed read-only; one probe per address at a time (QEMU's monitor
+        takes one client; a third concurrent client was refused with EINVAL, seen on QEMU 10.0)."""
+        lock, users = self._monitors.setdefault(address, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                return await probe(address, timeout=self.timeout, host=self.host, side="dest")
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._monitors[address]
 
     async def properties(self) -> dict[str, str]:
         """``-device virtio-net-pci,help`` of this QEMU, asked once."""
@@ -127,18 +144,20 @@ async def _scratch(offer: Offer, dest: Destination) -> tuple[VmReport | None, st
     return report, f"a scratch QEMU {version} ({command}, {source.machine}, {len(nics)} NIC(s))", []
 
 
-async def answer_offer(offer: Offer, dest: Destination) -> Answer:
-    """The answer to one offer, from the truth of this host (module docstring). Raises nothing but cancellation:
-    whatever fails becomes the answer's reason."""
+async def answer_offer(offer: Offer, dest: Destination, *,
+                       incoming: Awaitable[VmReport] | None = None) -> Answer:
+    """The answer to one offer, from the truth of this host (module docstring). ``incoming``: the probe of the
+    offer's incoming QEMU, already started (after a ``Prepare``). Raises nothing but cancellation: whatever fails
+    becomes the answer's reason."""
     if offer.dest_address is not None:
         try:
-            incoming = await probe(offer.dest_address, timeout=dest.timeout, host=dest.host, side="dest")
+            probed = await (incoming or dest.probe_incoming(offer.dest_address))
         except (UsageError, HandshakeError) as err:
             return answer_from(offer, truth=Truth.NONE, how=f"nothing: the incoming QEMU at {offer.dest_address} "
                                "could not be probed", findings=[("", "probe-failed", f"the incoming QEMU at "
                                                                  f"{offer.dest_address} could not be probed: {err}")])
         return answer_from(offer, truth=Truth.INCOMING, how=f"the incoming QEMU at {offer.dest_address}",
-                           dest=incoming)
+                           dest=probed)
     why_not = "no QEMU to start a scratch QEMU with"
     findings: list[tuple[str, str, str]] = [("", "probe-failed", "this destination has neither a QEMU to start "
                                              "nor a dump")]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import secrets
 import ssl
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from .core.conclude import verdict_of
 from .core.decide import Mode, Verdict, decide
 from .core.errors import HandshakeError, UsageError
-from .core.exchange import Offer, Refusal
+from .core.exchange import Offer, Prepare, Refusal
 from .core.model import VmReport
 from .core.platform import HostDump
 from .core.policy import Policy
@@ -75,6 +76,10 @@ async def precheck(source: str, dest: str | None = None, *, dest_dump: HostDump 
     return decide(src, dst, mode=mode, policy=policy, problems=[p for p in (p1, p2) if p])
 
 
+class _NoSource(HandshakeError):
+    """The source could not be probed: no offer to make (the verdict is unknown)."""
+
+
 async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.SSLContext | None = None,
                     ssh: str | None = None, remote_command: str | None = None, ssh_options: Sequence[str] = (),
                     dest: str | None = None, lenient: bool = False, policy: Policy | None = None,
@@ -106,20 +111,42 @@ async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.S
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
     mode = Mode.LENIENT if lenient else Mode.STRICT
-    src, problem = await _side(source, "source", timeout)
-    if src is None:
-        return decide(None, None, mode=mode, policy=policy, problems=[problem or "the source was not probed"])
-    offer = Offer(src, secrets.token_bytes(16), time.time_ns() // 1_000_000, mode,
-                  tuple(sorted((policy or Policy()).properties.items())), dest)
+    nonce = secrets.token_bytes(16)
+    # The connection (and, with an incoming QEMU named, the destination's probe of it: Prepare) goes on while the
+    # source is probed: a direct precheck probes both at once too.
+    prepare = Prepare(nonce, dest) if dest is not None else None
+
+    async def make_offer() -> Offer:
+        src, problem = await _side(source, "source", timeout)
+        if src is None:
+            raise _NoSource(problem or "the source was not probed")
+        return Offer(src, nonce, time.time_ns() // 1_000_000, mode,
+                     tuple(sorted((policy or Policy()).properties.items())), dest)
+
+    offer_task = asyncio.ensure_future(make_offer())
     try:
         if target is not None:
-            reply = await exchange_tls(offer, *target, ssl_context=ssl_context, timeout=answer_timeout)
+            reply = await exchange_tls(offer_task, *target, ssl_context=ssl_context, prepare=prepare,
+                                       timeout=answer_timeout)
         else:
             assert ssh is not None
-            reply = await exchange_ssh(offer, ssh, remote_command=remote_command or DEFAULT_REMOTE_COMMAND,
-                                       ssh_options=ssh_options, timeout=answer_timeout)
+            reply = await exchange_ssh(offer_task, ssh, prepare=prepare, ssh_options=ssh_options,
+                                       remote_command=remote_command or DEFAULT_REMOTE_COMMAND, timeout=answer_timeout)
+    except _NoSource as err:
+        return decide(None, None, mode=mode, policy=policy, problems=[str(err)])
     except ExchangeError as err:
+        try:
+            src = (await offer_task).source
+        except _NoSource as no_source:
+            return decide(None, None, mode=mode, policy=policy, problems=[str(no_source)])
         return decide(src, None, mode=mode, policy=policy, problems=[f"the destination could not be asked: {err}"])
+    finally:
+        if not offer_task.done():
+            offer_task.cancel()
+            with contextlib.suppress(BaseException):
+                await offer_task
+    offer = offer_task.result()
+    src = offer.source
     if isinstance(reply, Refusal):
         return decide(src, None, mode=mode, policy=policy,
                       problems=[f"the destination refused the offer ({reply.code}): {reply.message}"])

@@ -17,10 +17,10 @@ import contextlib
 import ipaddress
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from .core.errors import HandshakeError, UsageError
-from .core.exchange import Answer, Offer, Refusal
+from .core.exchange import Answer, Offer, Prepare, Refusal
 from .core.protocol import MAX_FRAME_BYTES, NEED_DATA, Connection, ProtocolError, Role
 
 __all__ = ["DEFAULT_REMOTE_COMMAND", "ExchangeError", "check_ssh_destination", "client_context", "exchange_ssh",
@@ -138,23 +138,30 @@ async def _converse(conn: Connection, reader: asyncio.StreamReader) -> Answer | 
     return event
 
 
-async def exchange_tls(offer: Offer, host: str, port: int, *, ssl_context: ssl.SSLContext | None,
-                       timeout: float = 60.0, key: bytes | None = None,
+async def _ready(offer: Offer | Awaitable[Offer]) -> Offer:
+    return offer if isinstance(offer, Offer) else await offer
+
+
+async def exchange_tls(offer: Offer | Awaitable[Offer], host: str, port: int, *, ssl_context: ssl.SSLContext | None,
+                       prepare: Prepare | None = None, timeout: float = 60.0, key: bytes | None = None,
                        max_frame: int = MAX_FRAME_BYTES) -> Answer | Refusal:
     """Send ``offer`` to the agent at ``host:port`` and return its reply, all within ``timeout`` seconds.
-    ``ssl_context`` None: plaintext, allowed only to a loopback address."""
+    ``ssl_context`` None: plaintext, allowed only to a loopback address. ``offer`` may still be in the making (a
+    task): the connection is opened, and ``prepare`` sent, meanwhile."""
     if ssl_context is None and not is_loopback(host):
         raise UsageError(f"plaintext only to a loopback address, not {host} (give --cert, --key and --ca)")
     where = f"the agent at {host}:{port}"
     conn = Connection(Role.SOURCE, key=key, max_frame=max_frame)
-    data = conn.send(offer)
+    first = conn.send(prepare) if prepare is not None else b""
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context,
                                                            server_hostname=host if ssl_context else None,
                                                            limit=max_frame)
-            writer.write(data)
+            if first:
+                writer.write(first)
+            writer.write(conn.send(await _ready(offer)))
             await writer.drain()
             return await _converse(conn, reader)
     except TimeoutError as err:
@@ -176,16 +183,18 @@ async def exchange_tls(offer: Offer, host: str, port: int, *, ssl_context: ssl.S
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
 
-async def exchange_ssh(offer: Offer, destination: str, *, remote_command: str = DEFAULT_REMOTE_COMMAND,
-                       ssh_options: Sequence[str] = (), ssh: str = "ssh", timeout: float = 60.0,
-                       key: bytes | None = None, max_frame: int = MAX_FRAME_BYTES) -> Answer | Refusal:
+async def exchange_ssh(offer: Offer | Awaitable[Offer], destination: str, *, prepare: Prepare | None = None,
+                       remote_command: str = DEFAULT_REMOTE_COMMAND, ssh_options: Sequence[str] = (),
+                       ssh: str = "ssh", timeout: float = 60.0, key: bytes | None = None,
+                       max_frame: int = MAX_FRAME_BYTES) -> Answer | Refusal:
     """Run ``ssh [-o OPTION]... DESTINATION REMOTE_COMMAND`` with the offer on its stdin and read the answer from
-    its stdout, all within ``timeout`` seconds (then ssh is killed)."""
+    its stdout, all within ``timeout`` seconds (then ssh is killed). ``offer`` may still be in the making (a
+    task): ssh is started, and ``prepare`` sent, meanwhile."""
     check_ssh_destination(destination)
     argv = [ssh, *(a for opt in ssh_options for a in ("-o", opt)), "-T", "-e", "none", "--", destination,
             remote_command]
     conn = Connection(Role.SOURCE, key=key, max_frame=max_frame)
-    data = conn.send(offer)
+    first = conn.send(prepare) if prepare is not None else b""
     try:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -199,6 +208,8 @@ async def exchange_ssh(offer: Offer, destination: str, *, remote_command: str = 
     try:
         async with asyncio.timeout(timeout):
             with contextlib.suppress(ConnectionError):  # ssh may exit (refused) before it read the offer
+                proc.stdin.write(first)
+                data = conn.send(await _ready(offer))
                 proc.stdin.write(data)
                 await proc.stdin.drain()
                 proc.stdin.close()

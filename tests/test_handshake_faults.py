@@ -243,3 +243,15 @@ def test_answer_on_stdio_refuses_garbage_and_says_so() -> None:
     reply = reply_of(done.stdout)
     assert done.returncode == 0 and isinstance(reply, Refusal) and reply.code == "malformed", (done, reply)
     assert b"refused" in done.stderr
+
+
+async def test_handshakes_naming_one_incoming_qemu_take_turns(qlab: Lab, pki: Pki) -> None:
+    """QEMU's monitor serves one client at a time (a third concurrent client was refused with EINVAL, seen on 10.0):
+    the agent probes one incoming QEMU for one handshake at a time, so four at once are all answered."""
+    from qemu_offload_handshake.api import handshake
+    sources = [await qlab.start(VmSpec()) for _ in range(4)]
+    dst = await qlab.start(VmSpec().destination())
+    async with agent(pki) as a:
+        verdicts = await asyncio.gather(*(handshake(s.address, agent=a.address, ssl_context=context(pki),
+                                                    dest=dst.address) for s in sources))
+    assert [v.verdict for v in verdicts] == ["compatible"] * 4, [v.findings for v in verdicts]

@@ -13,7 +13,7 @@ from test_decide import OFFERED, USO, nic, vm
 
 from qemu_offload_handshake.core.conclude import answer_from, verdict_of
 from qemu_offload_handshake.core.decide import Mode, decide
-from qemu_offload_handshake.core.exchange import Answer, Offer, Refusal, Truth, overrides
+from qemu_offload_handshake.core.exchange import Answer, Offer, Prepare, Refusal, Truth, overrides
 from qemu_offload_handshake.core.model import Tri
 from qemu_offload_handshake.core.policy import Policy
 from qemu_offload_handshake.core.protocol import (
@@ -80,7 +80,7 @@ def test_frames_split_anywhere_arrive_whole(cuts: list[int]) -> None:
 
 def test_sending_out_of_order_is_refused_locally() -> None:
     src, dst = Connection(Role.SOURCE), Connection(Role.DEST)
-    with pytest.raises(LocalProtocolError, match="only an offer"):
+    with pytest.raises(LocalProtocolError, match="only a prepare and an offer"):
         src.send(answer())
     src.send(offer())
     with pytest.raises(LocalProtocolError, match="one offer per connection"):
@@ -95,6 +95,39 @@ def test_sending_out_of_order_is_refused_locally() -> None:
     dst.send(answer())
     with pytest.raises(LocalProtocolError, match="already sent"):
         dst.send(Refusal("busy", "late"))
+
+
+def test_a_prepare_announces_the_offer_and_must_match_it() -> None:
+    src, dst = Connection(Role.SOURCE), Connection(Role.DEST)
+    prepared = Prepare(NONCE, "unix:/run/incoming.qmp")
+    first = src.send(prepared)
+    assert src.state is State.PREPARED and feed(dst, first) == prepared and dst.state is State.PREPARED
+    with pytest.raises(LocalProtocolError, match="another incoming QEMU"):
+        src.send(offer(dest_address="unix:/other.qmp"))
+    with pytest.raises(LocalProtocolError, match="another nonce"):
+        src.send(offer(dest_address="unix:/run/incoming.qmp", nonce=bytes(16)))
+    with pytest.raises(LocalProtocolError, match="comes first, once"):
+        src.send(prepared)
+    good = offer(dest_address="unix:/run/incoming.qmp")
+    assert feed(dst, src.send(good)) == good and dst.state.value == "waiting"
+    assert feed(src, dst.send(answer(good))) == answer(good)
+    # a destination refuses an offer that is not the one prepared, and a second prepare
+    dst = Connection(Role.DEST)
+    feed(dst, first)
+    with pytest.raises(RemoteProtocolError, match="not the one prepared: another nonce"):
+        feed(dst, encode(offer(dest_address="unix:/run/incoming.qmp", nonce=bytes(16))))
+    dst = Connection(Role.DEST)
+    feed(dst, first)
+    with pytest.raises(RemoteProtocolError, match="expected an offer, got a prepare"):
+        feed(dst, first)
+    # the source takes a refusal (not an answer) before its offer went out
+    src = Connection(Role.SOURCE)
+    src.send(prepared)
+    assert isinstance(feed(src, Connection(Role.DEST).send(Refusal("busy", "full"))), Refusal)
+    src = Connection(Role.SOURCE)
+    src.send(prepared)
+    with pytest.raises(RemoteProtocolError, match="an answer before the offer was sent"):
+        feed(src, encode(answer(good)))
 
 
 def test_a_refusal_may_come_first_and_ends_the_exchange() -> None:

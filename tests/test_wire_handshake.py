@@ -36,6 +36,7 @@ from qemu_offload_handshake.core.exchange import (
     REFUSAL_CODES,
     Answer,
     Offer,
+    Prepare,
     Refusal,
     Truth,
     overrides,
@@ -358,5 +359,20 @@ def test_a_message_over_the_record_size_is_an_encode_error() -> None:
                  tuple(Finding(f"net{i}", Severity.UNKNOWN, "unreadable", why) for i in range(MAX_FINDINGS)))
     with pytest.raises(EncodeError, match=f"exceeds {MAX_RECORD_BYTES}"):
         encode(big)
-    with pytest.raises(EncodeError, match="Offer, Answer or Refusal"):
+    with pytest.raises(EncodeError, match="Offer, Answer, Refusal or Prepare"):
         encode(object())  # type: ignore[arg-type]
+
+
+def test_a_prepare_round_trips_and_refuses_a_newer_version() -> None:
+    prepare = Prepare(NONCE, "unix:/run/incoming.qmp")
+    for key in (None, b"k"):
+        assert decode(encode(prepare, key=key), key=key) == prepare
+    data = bytearray(encode(prepare))
+    data[12:14] = (2).to_bytes(2, "big")
+    data[-4:] = zlib.crc32(bytes(data[:-4])).to_bytes(4, "big")
+    with pytest.raises(UnsupportedVersionError, match="handshake protocol version 2"):
+        decode(bytes(data))
+    whole = encode(prepare)
+    for cut in range(len(whole)):
+        with pytest.raises(DecodeError):
+            decode(whole[:cut])

@@ -480,7 +480,7 @@ def test_a_record_decoded_as_another_type_is_a_decode_error(rtype: int) -> None:
                 decode(reframe(data, rtype=rtype))
 
 
-@pytest.mark.parametrize("rtype", [0, 9, 255])
+@pytest.mark.parametrize("rtype", [0, 10, 255])
 def test_an_unknown_record_type_is_a_clear_decode_error(rtype: int) -> None:
     with pytest.raises(DecodeError, match=f"unknown record type {rtype}") as caught:
         decode(reframe(encode(GOLDEN_DUMP), rtype=rtype))

@@ -1,11 +1,15 @@
-"""The handshake's messages: the source's ``Offer``, the destination's ``Answer``, and a ``Refusal`` either side's
-peer may get instead of an answer. Frozen value objects, checked when made; they travel as wire-format records
-(types 6, 7 and 8: ``wire_handshake``); the order they may come in is ``protocol``'s. Pure data, no I/O.
+"""The handshake's messages: the source's ``Offer`` (optionally announced by a ``Prepare``), the destination's
+``Answer``, and a ``Refusal`` the source may get instead of an answer. Frozen value objects, checked when made;
+they travel as wire-format records (types 6, 7, 8 and 9: ``wire_handshake``); the order they may come in is
+``protocol``'s. Pure data, no I/O.
 
-An offer carries the source VM's report, the decision's mode and policy, a random nonce and the time it was
-made, and optionally the QMP address of the incoming QEMU as seen on the destination host. An answer echoes the
-nonce and carries the destination's verdict (outcome, findings, adjustments, recommendations), the destination's
-own report or, when it answered from its host's dump, that dump, and how it got its truth (``Truth``).
+A prepare carries only the offer's nonce and the incoming QEMU's address: a source that names the incoming QEMU
+sends it first, so that the destination probes that QEMU while the source probes its own (a direct precheck probes
+both at once; the handshake would otherwise probe one after the other). An offer carries the source VM's report, the
+decision's mode and policy, a random nonce and the time it was made, and optionally the QMP address of the incoming
+QEMU as seen on the destination host. An answer echoes the nonce and carries the destination's verdict (outcome,
+findings, adjustments, recommendations), the destination's own report or, when it answered from its host's dump,
+that dump, and how it got its truth (``Truth``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "Answer",
     "Offer",
     "Overrides",
+    "Prepare",
     "Refusal",
     "Truth",
     "overrides",
@@ -86,6 +91,23 @@ def _check_overrides(name: str, table: Overrides) -> None:
                 raise ValueError(f"{name}[{nic}].{prop} must be on or off, not {value!r}")
 
 
+def _check_version(version: int) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 0xFFFF:
+        raise ValueError(f"protocol version must be 1 to 65535: {version!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    nonce: bytes  # the coming offer's
+    dest_address: str  # the coming offer's: the incoming QEMU's QMP address as seen on the destination host
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        _check_nonce(self.nonce)
+        _check_str("dest_address", self.dest_address)
+        _check_version(self.version)
+
+
 @dataclass(frozen=True, slots=True)
 class Offer:
     source: VmReport
@@ -113,8 +135,7 @@ class Offer:
             if not isinstance(tri, Tri) or tri is Tri.UNSET:
                 raise ValueError(f"policy {prop}: on, off or auto")
         _check_str("dest_address", self.dest_address, optional=True)
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= 0xFFFF:
-            raise ValueError(f"protocol version must be 1 to 65535: {self.version!r}")
+        _check_version(self.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +183,7 @@ class Answer:
             raise ValueError(f"an answer from {self.truth.value} carries "
                              + {(True, False): "the destination's report", (False, True): "the host's dump",
                                 (False, False): "neither a report nor a dump"}[expected])
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= 0xFFFF:
-            raise ValueError(f"protocol version must be 1 to 65535: {self.version!r}")
+        _check_version(self.version)
 
     @property
     def adjustments_dict(self) -> dict[str, dict[str, str]]:
@@ -187,7 +207,6 @@ class Refusal:
         _check_str("message", self.message)
         if self.nonce is not None:
             _check_nonce(self.nonce)
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or not 1 <= self.version <= 0xFFFF:
-            raise ValueError(f"protocol version must be 1 to 65535: {self.version!r}")
+        _check_version(self.version)
 
 

@@ -1,7 +1,9 @@
 """The handshake protocol, sans-IO (in the style of h11): bytes in, events out; events in, bytes out.
 
-One connection carries one exchange: the source sends an ``Offer``; the destination sends an ``Answer`` (echoing
-the offer's nonce) or a ``Refusal``; then both are done. Each message is one wire-format record (types 6-8:
+One connection carries one exchange: the source sends an ``Offer``, optionally announced by a ``Prepare`` with the
+offer's nonce and incoming-QEMU address (so that the destination can probe that QEMU while the source probes its
+own); the destination sends an ``Answer`` (echoing the offer's nonce) or a ``Refusal``; then both are done. Each
+message is one wire-format record (types 6-9:
 ``wire_handshake``) with a size cap (``max_frame``), optionally HMAC-signed with a shared key. ``Connection``
 refuses whatever comes out of that order, in either direction:
 
@@ -23,7 +25,7 @@ import enum
 import heapq
 
 from .errors import DecodeError, HandshakeError, UnsupportedVersionError
-from .exchange import PROTOCOL_VERSION, Answer, Offer, Refusal
+from .exchange import PROTOCOL_VERSION, Answer, Offer, Prepare, Refusal
 from .wire import CRC_SIZE as _CRC
 from .wire import HEADER_SIZE, MAC_SIZE, MAGIC, Record, decode, encode
 
@@ -70,6 +72,7 @@ class Role(enum.Enum):
 
 class State(enum.Enum):
     IDLE = "idle"  # nothing exchanged yet
+    PREPARED = "prepared"  # the prepare is on its way (source: sent; destination: read), the offer is to come
     WAITING = "waiting"  # the offer is on its way (source: sent, awaiting the reply; destination: read, to answer)
     DONE = "done"  # the reply was sent or read
     ERROR = "error"  # the peer broke the protocol; nothing more is read or sent
@@ -83,8 +86,8 @@ class NeedData:
 
 
 NEED_DATA = NeedData()
-Event = Offer | Answer | Refusal
-_WHAT = {Offer: "an offer", Answer: "an answer", Refusal: "a refusal"}
+Event = Offer | Answer | Refusal | Prepare
+_WHAT = {Offer: "an offer", Answer: "an answer", Refusal: "a refusal", Prepare: "a prepare"}
 
 
 class Connection:
@@ -98,6 +101,7 @@ class Connection:
             raise ValueError(f"max_frame must be at least {HEADER_SIZE + _CRC} bytes")
         self.role, self.key, self.max_frame = role, key, max_frame
         self.state = State.IDLE
+        self.prepare: Prepare | None = None  # the prepare sent (source) or read (destination), if any
         self.offer: Offer | None = None  # the offer sent (source) or read (destination)
         self.reply: Answer | Refusal | None = None  # the reply read (source) or sent (destination)
         self._buffer = bytearray()
@@ -111,13 +115,21 @@ class Connection:
                                               and self.reply is None):
             raise LocalProtocolError("the connection failed; only the destination's refusal saying why may follow")
         if self.role is Role.SOURCE:
-            if not isinstance(event, Offer):
-                raise LocalProtocolError(f"the source sends only an offer, not {_WHAT.get(type(event), event)!r}")
-            if self.state is not State.IDLE:
+            if isinstance(event, Prepare):
+                if self.state is not State.IDLE:
+                    raise LocalProtocolError("a prepare comes first, once")
+                self.prepare, self.state = event, State.PREPARED
+            elif not isinstance(event, Offer):
+                raise LocalProtocolError(f"the source sends only a prepare and an offer, not "
+                                         f"{_WHAT.get(type(event), event)!r}")
+            elif self.state not in (State.IDLE, State.PREPARED):
                 raise LocalProtocolError("one offer per connection: an offer was already sent")
-            self.offer, self.state = event, State.WAITING
+            elif self.prepare is not None and _mismatch(self.prepare, event):
+                raise LocalProtocolError(f"the offer must be the one prepared: {_mismatch(self.prepare, event)}")
+            else:
+                self.offer, self.state = event, State.WAITING
         else:
-            if isinstance(event, Offer):
+            if isinstance(event, Offer | Prepare):
                 raise LocalProtocolError("the destination does not send offers")
             if self.reply is not None:
                 raise LocalProtocolError("the reply was already sent")
@@ -152,7 +164,8 @@ class Connection:
     def next_event(self) -> Event | NeedData:
         if self.state is State.ERROR:
             raise RemoteProtocolError("the connection already failed")
-        expecting = self.state is State.IDLE if self.role is Role.DEST else self.state is State.WAITING
+        waits = (State.IDLE, State.PREPARED) if self.role is Role.DEST else (State.PREPARED, State.WAITING)
+        expecting = self.state in waits
         buf = self._buffer
         if not expecting:
             if buf and self.role is Role.SOURCE and self.state is State.IDLE:
@@ -203,12 +216,19 @@ class Connection:
 
     def _accept(self, record: Record) -> Event:
         if self.role is Role.DEST:
+            if isinstance(record, Prepare) and self.state is State.IDLE:
+                self.prepare, self.state = record, State.PREPARED
+                return record
             if not isinstance(record, Offer):
                 raise self._fail(f"expected an offer, got {_WHAT.get(type(record), 'another record type')}")
             if record.version != PROTOCOL_VERSION:  # the decoder refuses them already; kept for other readers
                 raise self._fail(f"protocol version {record.version}: this side speaks {PROTOCOL_VERSION}", "version")
+            if self.prepare is not None and _mismatch(self.prepare, record):
+                raise self._fail(f"the offer is not the one prepared: {_mismatch(self.prepare, record)}")
             self.offer, self.state = record, State.WAITING
             return record
+        if self.state is State.PREPARED and not isinstance(record, Refusal):
+            raise self._fail(f"{_WHAT.get(type(record), 'a record')} before the offer was sent")
         if isinstance(record, Answer):
             assert self.offer is not None
             if record.nonce != self.offer.nonce:
@@ -220,6 +240,14 @@ class Connection:
             raise self._fail(f"expected an answer, got {_WHAT.get(type(record), 'another record type')}")
         self.reply, self.state = record, State.DONE
         return record
+
+
+def _mismatch(prepare: Prepare, offer: Offer) -> str | None:
+    if prepare.nonce != offer.nonce:
+        return "another nonce"
+    if prepare.dest_address != offer.dest_address:
+        return f"another incoming QEMU ({offer.dest_address!r}, prepared {prepare.dest_address!r})"
+    return None
 
 
 class ReplayGuard:

@@ -6,7 +6,7 @@ the input, and bounds every length and count before it allocates, so memory stay
 
 This module is the frame (header, CRC-32, HMAC); the bodies are the compiled construct layouts of
 ``wire_records`` (types 1-3), ``wire_platform`` (4 host dump and 5 baseline, since 1.2) and ``wire_handshake``
-(6 offer, 7 answer and 8 refusal of the handshake, since 1.3), whose leaves are the checked leaves of
+(6 offer, 7 answer, 8 refusal and 9 prepare of the handshake, since 1.3), whose leaves are the checked leaves of
 ``wire_layout`` (never construct's own, which trust their input). Decoding is one pass over the
 body: each NIC, host and offer is checked and turned into model objects as it is read (a backend kind, NIC or host
 given twice is refused when it is read), a failure names its field (``nics[1].offered_unknown``) without parsing
@@ -28,7 +28,7 @@ import construct as cs
 
 from . import wire_layout as wl
 from .errors import AuthenticationError, DecodeError, EncodeError, UnsupportedVersionError
-from .exchange import Answer, Offer, Refusal
+from .exchange import Answer, Offer, Prepare, Refusal
 from .model import CapabilitySet, HostCapabilities, VmReport
 from .platform import Baseline, HostDump
 from .wire_handshake import COMPILED as HANDSHAKE_COMPILED
@@ -52,11 +52,11 @@ __all__ = [
 MAGIC = b"QOHS"
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 3  # 1.1: VM and NIC extensions; 1.2: record types 4 (host dump) and 5 (baseline)
-# 1.3: record types 6-8 (handshake offer, answer, refusal)
+# 1.3: record types 6-9 (handshake offer, answer, refusal, prepare)
 FLAG_HMAC = 0x01
 HEADER_SIZE, CRC_SIZE, MAC_SIZE = 12, 4, 32
 
-Record = VmReport | HostCapabilities | CapabilitySet | HostDump | Baseline | Offer | Answer | Refusal
+Record = VmReport | HostCapabilities | CapabilitySet | HostDump | Baseline | Offer | Answer | Refusal | Prepare
 COMPILED = RECORD_COMPILED | PLATFORM_COMPILED | HANDSHAKE_COMPILED  # record type -> body layout
 
 # The fixed 12-byte header, read only once the input has 12 bytes: magic, major, minor, type, flags, length
@@ -72,7 +72,7 @@ def encode(record: Record, *, key: bytes | None = None) -> bytes:
     typed = body_obj(record) or platform_body_obj(record) or handshake_body_obj(record)
     if typed is None:
         raise EncodeError(f"cannot encode {type(record).__name__}: expected a VmReport, HostCapabilities, "
-                          "CapabilitySet, HostDump or Baseline, or an Offer, Answer or Refusal")
+                          "CapabilitySet, HostDump or Baseline, or an Offer, Answer, Refusal or Prepare")
     rtype, obj = typed
     if key is not None and not key:
         raise EncodeError("an empty HMAC key signs nothing")

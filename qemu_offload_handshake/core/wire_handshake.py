@@ -1,15 +1,15 @@
-"""The bodies of the handshake's messages (``exchange``): an offer (type 6), an answer (type 7) and a refusal
-(type 8), as compiled construct layouts of the checked leaves of ``wire_layout`` and a few of this module's own,
-and the objects the encoder builds (``docs/wire-format.md``; since format 1.3).
+"""The bodies of the handshake's messages (``exchange``): an offer (type 6), an answer (type 7), a refusal (type 8) and
+a prepare (type 9), as compiled construct layouts of the checked leaves of ``wire_layout`` and a few of this
+module's own, and the objects the encoder builds (``docs/wire-format.md``; since format 1.3).
 
 Every body starts with the handshake protocol version (2 bytes), before anything else, so that a reader knows a
-newer peer when it meets one: an offer or answer of another version is refused there (``VersionMismatch``, which
-``decode`` raises as ``UnsupportedVersionError``) before the rest is read. A refusal of any version is read: its
-job is to say which version its writer speaks, so its layout never changes. An offer carries the source's VM
+newer peer when it meets one: an offer, answer or prepare of another version is refused there (``VersionMismatch``,
+which ``decode`` raises as ``UnsupportedVersionError``) before the rest is read. A refusal of any version is read:
+its job is to say which version its writer speaks, so its layout never changes. An offer carries the source's VM
 report, an answer the destination's report or its host's dump, each as the body of its own record type
-(``wire_records``, ``wire_platform``) embedded whole, with that record's checks; a failure inside names its
-field (``source.nics[0].offered``). Each part is checked as it is read (a finding's code against the rules, the
-order of policy and override names, which report an answer's truth carries), and a failure names its field.
+(``wire_records``, ``wire_platform``) embedded whole, with that record's checks; a failure inside names its field
+(``source.nics[0].offered``). Each part is checked as it is read (a finding's code against the rules, the order of
+policy and override names, which report an answer's truth carries), and a failure names its field.
 """
 
 from __future__ import annotations
@@ -22,14 +22,24 @@ import construct as cs
 
 from . import wire_layout as wl
 from . import wire_platform, wire_records
-from .exchange import MAX_FINDINGS, NONCE_BYTES, PROTOCOL_VERSION, REFUSAL_CODES, Answer, Offer, Refusal, Truth
+from .exchange import (
+    MAX_FINDINGS,
+    NONCE_BYTES,
+    PROTOCOL_VERSION,
+    REFUSAL_CODES,
+    Answer,
+    Offer,
+    Prepare,
+    Refusal,
+    Truth,
+)
 from .model import MAX_ITEMS, MAX_STRING_BYTES, Tri
 from .rules import RULES, Mode, Severity
 from .verdict import Finding, Outcome
 
-__all__ = ["COMPILED", "TYPE_ANSWER", "TYPE_OFFER", "TYPE_REFUSAL", "VersionMismatch", "body_obj"]
+__all__ = ["COMPILED", "TYPE_ANSWER", "TYPE_OFFER", "TYPE_PREPARE", "TYPE_REFUSAL", "VersionMismatch", "body_obj"]
 
-TYPE_OFFER, TYPE_ANSWER, TYPE_REFUSAL = 6, 7, 8
+TYPE_OFFER, TYPE_ANSWER, TYPE_REFUSAL, TYPE_PREPARE = 6, 7, 8, 9
 MAX_TIME_MS = (1 << 48) - 1
 
 _Count, _Str = wl.VarInt(MAX_ITEMS), wl.Text(MAX_STRING_BYTES)
@@ -292,8 +302,18 @@ _RefusalBody = wl.Struct(
     make=lambda this, parent: Refusal(this["code"], this["message"], this["nonce"], this["version"]),
 )
 
+# ------------------------------------------------------------------------------------------------ prepare
+
+_PrepareBody = wl.Struct(
+    "version" / _Version(exact=True),
+    "nonce" / _Nonce(),
+    "dest_address" / _Str,
+    "ext" / _NoExt,
+    make=lambda this, parent: Prepare(this["nonce"], this["dest_address"], this["version"]),
+)
+
 COMPILED = {TYPE_OFFER: wl.compile_layout(_OfferBody), TYPE_ANSWER: wl.compile_layout(_AnswerBody),
-            TYPE_REFUSAL: wl.compile_layout(_RefusalBody)}
+            TYPE_REFUSAL: wl.compile_layout(_RefusalBody), TYPE_PREPARE: wl.compile_layout(_PrepareBody)}
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -318,4 +338,7 @@ def body_obj(record: object) -> tuple[int, dict[str, Any]] | None:
     if isinstance(record, Refusal):
         return TYPE_REFUSAL, {"version": record.version, "code": record.code, "message": record.message,
                               "nonce": record.nonce, "ext": {}}
+    if isinstance(record, Prepare):
+        return TYPE_PREPARE, {"version": record.version, "nonce": record.nonce, "dest_address": record.dest_address,
+                              "ext": {}}
     return None
