@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .answering import Destination, answer_offer
+from .answering import Destination, answer_offer, clip
+from .core.errors import HandshakeError
 from .core.exchange import Offer, Prepare, Refusal
 from .core.model import VmReport
 from .core.protocol import DEFAULT_WINDOW_MS, MAX_FRAME_BYTES, NEED_DATA, Connection, ProtocolError, ReplayGuard, Role
@@ -44,13 +47,15 @@ class Limits:
     wait_deadline: float = 60.0  # how long one waits for a slot
     max_frame: int = MAX_FRAME_BYTES
     window_ms: int = DEFAULT_WINDOW_MS  # replay protection: offers older or newer than this are stale
+    max_connections: int = 1024  # open at once, in any state; beyond, a new one is closed at once
 
     def __post_init__(self) -> None:
         for name in ("offer_deadline", "answer_deadline", "wait_deadline"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.max_concurrent < 1 or self.max_waiting < 0 or self.window_ms < 1:
-            raise ValueError("max_concurrent and window_ms must be positive, max_waiting not negative")
+        if self.max_concurrent < 1 or self.max_waiting < 0 or self.window_ms < 1 or self.max_connections < 1:
+            raise ValueError("max_concurrent, max_connections and window_ms must be positive, max_waiting not "
+                             "negative")
 
 
 def _now_ms() -> int:
@@ -129,9 +134,13 @@ class Agent:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
         peer = self._peer(writer)
         started = time.monotonic()
+        if len(self._tasks) >= self.limits.max_connections:
+            writer.close()
+            self.log(f"agent: {peer}: closed: {len(self._tasks)} connections open, the most this agent keeps")
+            return
+        self._tasks.add(task)
         try:
             outcome = await self._handle(reader, writer)
         except asyncio.CancelledError:
@@ -183,7 +192,7 @@ class Agent:
         async def on_prepare(prepare: Prepare) -> None:
             """Probe the incoming QEMU while the source probes its own, if a slot is free at once (a prepare never
             gets past the limits)."""
-            if not self._slots.locked():
+            if not self._slots.locked() and not self.dest.refuses(prepare.dest_address):
                 await self._slots.acquire()  # free: taken without yielding to other connections
                 turn.holding = True
                 turn.prepared = asyncio.ensure_future(self.dest.probe_incoming(prepare.dest_address))
@@ -224,6 +233,10 @@ class Agent:
         except TimeoutError:
             return await self._refuse(conn, writer, Refusal("failed", f"no answer within "
                                                                       f"{limits.answer_deadline:g} s", offer.nonce))
+        except (HandshakeError, ValueError, OSError) as err:  # a bug or the host failing: say so, serve on
+            return await self._refuse(conn, writer, Refusal("failed", clip(f"the destination failed to answer: "
+                                                                           f"{type(err).__name__}: {err}"),
+                                                            offer.nonce))
         writer.write(conn.send(answer))
         await asyncio.wait_for(writer.drain(), limits.offer_deadline)
         self.answered += 1
@@ -239,12 +252,19 @@ async def answer_stdio(dest: Destination, *, limits: Limits | None = None, key: 
     loop = asyncio.get_running_loop()
     if stdin is None:
         stdin = asyncio.StreamReader(limit=limits.max_frame)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+        if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not sys.stdin.isatty()):
+            # a file or a device such as /dev/null: epoll takes neither, and reading one never waits
+            stdin.feed_data(await asyncio.to_thread(sys.stdin.buffer.read, limits.max_frame + 1))
+            stdin.feed_eof()
+        else:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin.buffer)
     conn = Connection(Role.DEST, key=key, max_frame=limits.max_frame)
     turn = _Turn()
 
     async def on_prepare(prepare: Prepare) -> None:
-        turn.prepared = asyncio.ensure_future(dest.probe_incoming(prepare.dest_address))
+        if not dest.refuses(prepare.dest_address):
+            turn.prepared = asyncio.ensure_future(dest.probe_incoming(prepare.dest_address))
 
     try:
         try:
@@ -262,6 +282,10 @@ async def answer_stdio(dest: Destination, *, limits: Limits | None = None, key: 
             answer = await asyncio.wait_for(answer_offer(offer, dest, incoming=turn.prepared), limits.answer_deadline)
         except TimeoutError:
             refusal = Refusal("failed", f"no answer within {limits.answer_deadline:g} s", offer.nonce)
+            return conn.send(refusal), f"refused: {refusal.message}"
+        except (HandshakeError, ValueError, OSError) as err:
+            refusal = Refusal("failed", clip(f"the destination failed to answer: {type(err).__name__}: {err}"),
+                              offer.nonce)
             return conn.send(refusal), f"refused: {refusal.message}"
         return conn.send(answer), f"answered {answer.outcome.value} from {answer.truth.value}"
     finally:

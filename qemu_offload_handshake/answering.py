@@ -23,6 +23,7 @@ The decision is ``core.conclude.answer_from``: exactly the precheck's, with the 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,9 +37,10 @@ from .core.platform import HostDump
 from .core.predict import backend_kind
 from .dump import device_properties
 from .qemuproc import DEFAULT_TIMEOUT, QemuCommand, QemuLike
+from .qmp import describe, parse_address
 from .scratch import BACKENDS, QEMU_NAME, ScratchNic, probe_scratch
 
-__all__ = ["Destination", "answer_offer", "scratch_nics"]
+__all__ = ["Destination", "answer_offer", "clip", "scratch_nics"]
 
 _ROOT_SLOT = re.compile(r"0000:00:([0-9a-f]{2})\.([0-7])")  # a device on the root bus (probing.dev_path)
 # Device state (devstate.STATE_RULES) set as -device properties of the same name; ats/aer matter only behind a
@@ -46,6 +48,13 @@ _ROOT_SLOT = re.compile(r"0000:00:([0-9a-f]{2})\.([0-7])")  # a device on the ro
 _STATE_PROPS = ("mac", "vectors", "rx_queue_size", "tx_queue_size", "host_mtu", "speed", "duplex", "multifunction",
                 "disable-legacy", "disable-modern", "page-per-vq")
 _VALUE = re.compile(r"[A-Za-z0-9:._-]{1,64}")
+_CLIP = 900  # bytes of a sentence in an answer (the wire format takes 1024)
+
+
+def clip(text: str, limit: int = _CLIP) -> str:
+    """Text cut to ``limit`` UTF-8 bytes (an answer's sentences quote QEMU's stderr and addresses)."""
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= limit else data[:limit - 3].decode("utf-8", "ignore") + "..."
 
 
 @dataclass
@@ -56,10 +65,26 @@ class Destination:
     dump: HostDump | None = None
     host: str | None = None  # names the reports (default: this machine's name)
     timeout: float = DEFAULT_TIMEOUT  # per QMP command and for a scratch QEMU's start
+    # Incoming QEMUs an offer may name: address prefixes (unix:/run/qemu/, tcp:127.0.0.1:); empty: any address
+    allow_dest: tuple[str, ...] = ()
     _props: dict[str, str] | None = field(default=None, repr=False)  # this QEMU's virtio-net-pci properties
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     # per incoming QMP address: its lock and how many probes hold or wait for it (forgotten at zero)
     _monitors: dict[str, tuple[asyncio.Lock, list[int]]] = field(default_factory=dict, repr=False)
+
+    def refuses(self, address: str) -> str | None:
+        """Why this host does not probe the incoming QEMU the offer names (None: it does): not a QMP address, or
+        outside ``allow_dest``. A unix path is compared once made absolute and free of symbolic links."""
+        try:
+            target = parse_address(address)
+        except UsageError as err:
+            return str(err)
+        if not self.allow_dest:
+            return None
+        normal = describe(target if isinstance(target, tuple) else os.path.realpath(target))
+        if any(normal.startswith(prefix) for prefix in self.allow_dest):
+            return None
+        return f"{clip(address, 200)} is not under an address this destination probes ({', '.join(self.allow_dest)})"
 
     async def probe_incoming(self, address: str) -> VmReport:
         """The incoming QEMU at ``address``, probed read-only; one probe per address at a time (QEMU's monitor
@@ -108,6 +133,11 @@ def scratch_nics(source: VmReport, props: dict[str, str]) -> tuple[list[ScratchN
     return nics, None
 
 
+def _placed_first(nics: Sequence[ScratchNic]) -> list[ScratchNic]:
+    """NICs with a PCI slot of their own first: one without could otherwise take the slot a later one names."""
+    return sorted(nics, key=lambda n: not any(k == "addr" for k, _ in n.props))
+
+
 def _same_paths(scratch: VmReport, source: VmReport, nics: Sequence[ScratchNic]) -> VmReport:
     """The scratch report with each NIC's id and device path as the source's: QEMU files device state by the path
     the command line gives it; a scratch NIC the source placed behind a PCIe port sits on the root bus here."""
@@ -115,7 +145,7 @@ def _same_paths(scratch: VmReport, source: VmReport, nics: Sequence[ScratchNic])
     fixed: list[NicReport] = []
     for nic in scratch.nics:
         src = by_id.get(nic.qdev_id)
-        fixed.append(nic if src is None else replace(nic, qdev_id=src.qdev_id or nic.qdev_id,
+        fixed.append(nic if src is None else replace(nic, qdev_id=src.qdev_id, qom_path=src.qom_path,
                                                      dev_path=src.dev_path if src.dev_path else nic.dev_path))
     return replace(scratch, nics=tuple(fixed), side="dest")
 
@@ -130,15 +160,15 @@ async def _scratch(offer: Offer, dest: Destination) -> tuple[VmReport | None, st
     props = await dest.properties()
     nics, problem = scratch_nics(source, props)
     if problem:
-        return None, problem, [("", "dest-undetermined", problem)]
+        return None, clip(problem, 600), [("", "dest-undetermined", clip(problem))]
     try:
-        scratch = await probe_scratch(command, machine=source.machine, nics=nics, timeout=dest.timeout,
-                                      host=dest.host)
+        scratch = await probe_scratch(command, machine=source.machine, nics=_placed_first(nics),
+                                      timeout=dest.timeout, host=dest.host)
     except MachineTypeError as err:
         return None, f"{command} has no machine type {source.machine}", [
-            ("", "dest-cannot-run", f"this host's QEMU has no machine type {source.machine}: {err}")]
+            ("", "dest-cannot-run", clip(f"this host's QEMU has no machine type {source.machine}: {err}"))]
     except ScratchError as err:
-        return None, f"a scratch QEMU could not be made: {err}", [("", "dest-undetermined", str(err))]
+        return None, clip(f"a scratch QEMU could not be made: {err}", 600), [("", "dest-undetermined", clip(str(err)))]
     report = _same_paths(scratch.report, source, nics)
     version = ".".join(map(str, scratch.version)) if scratch.version else "of unknown version"
     return report, f"a scratch QEMU {version} ({command}, {source.machine}, {len(nics)} NIC(s))", []
@@ -150,14 +180,18 @@ async def answer_offer(offer: Offer, dest: Destination, *,
     offer's incoming QEMU, already started (after a ``Prepare``). Raises nothing but cancellation: whatever fails
     becomes the answer's reason."""
     if offer.dest_address is not None:
+        where = clip(offer.dest_address, 300)
+        refused = dest.refuses(offer.dest_address)
+        if refused:
+            return answer_from(offer, truth=Truth.NONE, how=f"nothing: the incoming QEMU at {where} is not probed "
+                               "here", findings=[("", "probe-failed", clip(f"not probed: {refused}"))])
         try:
             probed = await (incoming or dest.probe_incoming(offer.dest_address))
         except (UsageError, HandshakeError) as err:
-            return answer_from(offer, truth=Truth.NONE, how=f"nothing: the incoming QEMU at {offer.dest_address} "
-                               "could not be probed", findings=[("", "probe-failed", f"the incoming QEMU at "
-                                                                 f"{offer.dest_address} could not be probed: {err}")])
-        return answer_from(offer, truth=Truth.INCOMING, how=f"the incoming QEMU at {offer.dest_address}",
-                           dest=probed)
+            return answer_from(offer, truth=Truth.NONE, how=f"nothing: the incoming QEMU at {where} could not be "
+                               "probed", findings=[("", "probe-failed", clip(f"the incoming QEMU at {where} could "
+                                                                             f"not be probed: {err}"))])
+        return answer_from(offer, truth=Truth.INCOMING, how=f"the incoming QEMU at {where}", dest=probed)
     why_not = "no QEMU to start a scratch QEMU with"
     findings: list[tuple[str, str, str]] = [("", "probe-failed", "this destination has neither a QEMU to start "
                                              "nor a dump")]
@@ -166,11 +200,12 @@ async def answer_offer(offer: Offer, dest: Destination, *,
         try:
             report, how, findings = await _scratch(offer, dest)
         except HandshakeError as err:  # this QEMU cannot even list its properties
-            report, how, findings = None, f"{dest.qemu} cannot be run: {err}", [("", "probe-failed", str(err))]
+            report, how, findings = None, clip(f"{dest.qemu} cannot be run: {err}", 600), [
+                ("", "probe-failed", clip(str(err)))]
         if report is not None:
             return answer_from(offer, truth=Truth.SCRATCH, how=how, dest=report)
         why_not = how
     if dest.dump is not None:
-        return answer_from(offer, truth=Truth.DUMP, how=f"the dump of host {dest.dump.host} (no scratch QEMU: "
-                                                        f"{why_not})", dump=dest.dump)
-    return answer_from(offer, truth=Truth.NONE, how=f"nothing ({why_not}, no dump)", findings=findings)
+        return answer_from(offer, truth=Truth.DUMP, how=clip(f"the dump of host {dest.dump.host} (no scratch QEMU: "
+                                                             f"{why_not})"), dump=dest.dump)
+    return answer_from(offer, truth=Truth.NONE, how=clip(f"nothing ({why_not}, no dump)"), findings=findings)

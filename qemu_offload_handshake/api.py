@@ -107,6 +107,12 @@ async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.S
     target = parse_hostport(agent, "agent") if agent is not None else None
     if ssh is not None:
         check_ssh_destination(ssh)
+    if dest is not None:  # checked here, used there: it is the destination host's address
+        parse_address(dest)
+        try:
+            Prepare(bytes(16), dest)
+        except ValueError as err:
+            raise UsageError(f"dest {dest[:60]!r}...: {err}") from None
     for name, value in (("timeout", timeout), ("answer_timeout", answer_timeout)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")

@@ -33,6 +33,9 @@ def _truth_args(p: argparse.ArgumentParser, host: Callable[[str], str], timeout:
     p.add_argument("--dump", metavar="FILE", help="this host's dump (dump-host), used when no scratch QEMU can be")
     p.add_argument("--key-file", metavar="FILE", help="require the dump's HMAC made with this key")
     p.add_argument("--host", type=host, help="host name for the reports (default: this machine's)")
+    p.add_argument("--allow-dest", action="append", metavar="PREFIX",
+                   help="probe only incoming QEMUs whose address starts so (unix:/run/qemu/, tcp:127.0.0.1:); "
+                        "repeatable; default: any address an offer names")
     p.add_argument("--timeout", type=timeout, default=10.0, metavar="S",
                    help="QMP calls and a scratch QEMU's start (default 10); also the offer's deadline")
     p.add_argument("--answer-timeout", type=timeout, default=60.0, metavar="S",
@@ -92,7 +95,8 @@ def _destination(args: argparse.Namespace, read_dump: Callable[[str, bytes | Non
     dump = read_dump(args.dump, key(args)) if args.dump else None
     if args.no_scratch and dump is None:
         raise UsageError("--no-scratch needs --dump (nothing else to answer from)")
-    return Destination(None if args.no_scratch else args.qemu, dump, args.host, args.timeout)
+    return Destination(None if args.no_scratch else args.qemu, dump, args.host, args.timeout,
+                       tuple(args.allow_dest or ()))
 
 
 def _limits(args: argparse.Namespace, **more: Any) -> Any:

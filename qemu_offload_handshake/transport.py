@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
+import signal
 import ssl
 import time
 from collections.abc import Awaitable, Sequence
@@ -183,6 +185,14 @@ async def exchange_tls(offer: Offer | Awaitable[Offer], host: str, port: int, *,
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
 
+async def _tail(stream: asyncio.StreamReader, keep: int = 1 << 16) -> bytes:
+    """Everything a stream says until its end, of which the last ``keep`` bytes are kept (ssh's error is last)."""
+    kept = b""
+    while chunk := await stream.read(_READ):
+        kept = (kept + chunk)[-keep:]
+    return kept
+
+
 async def exchange_ssh(offer: Offer | Awaitable[Offer], destination: str, *, prepare: Prepare | None = None,
                        remote_command: str = DEFAULT_REMOTE_COMMAND, ssh_options: Sequence[str] = (),
                        ssh: str = "ssh", timeout: float = 60.0, key: bytes | None = None,
@@ -202,7 +212,7 @@ async def exchange_ssh(offer: Offer | Awaitable[Offer], destination: str, *, pre
     except OSError as err:
         raise UsageError(f"cannot run {ssh}: {err.strerror or err}") from err
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stderr = asyncio.ensure_future(proc.stderr.read(1 << 16))
+    stderr = asyncio.ensure_future(_tail(proc.stderr))
     where = f"ssh {destination}"
     answered = False
     try:
@@ -233,9 +243,9 @@ async def exchange_ssh(offer: Offer | Awaitable[Offer], destination: str, *, pre
         if answered:  # ssh ends on its own in a moment
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 2)
-        if proc.returncode is None:
+        if proc.returncode is None:  # ssh and whatever it started (a ProxyCommand): its own session
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
         stderr.cancel()

@@ -48,3 +48,19 @@ async def test_an_unreachable_incoming_qemu_and_no_truth_at_all(serve, tmp_path)
     nothing = await answer_offer(await offer_for(source, None), Destination(qemu=None))
     assert nothing.truth is Truth.NONE and nothing.outcome is Outcome.UNKNOWN
     assert "neither a QEMU to start nor a dump" in nothing.findings[0].why
+
+
+async def test_an_address_outside_allow_dest_is_not_probed(serve, fakes) -> None:  # type: ignore[no-untyped-def]
+    source, dest = await serve(), await serve()
+    answer = await answer_offer(await offer_for(source, dest), Destination(qemu=None, allow_dest=("unix:/run/qemu/",)))
+    assert answer.outcome is Outcome.UNKNOWN and "not under an address this destination probes" in \
+        answer.findings[0].why, answer.findings
+    assert fakes[1].received == []
+    allowed = Destination(qemu=None, allow_dest=(f"unix:{dest.removeprefix('unix:').rsplit('/', 1)[0]}/",))
+    assert (await answer_offer(await offer_for(source, dest), allowed)).truth is Truth.INCOMING
+
+
+async def test_long_texts_are_cut_to_fit_the_answer(serve) -> None:  # type: ignore[no-untyped-def]
+    source = await serve()
+    answer = await answer_offer(await offer_for(source, "unix:/tmp/" + "x" * 1010), Destination(qemu=None))
+    assert answer.outcome is Outcome.UNKNOWN and len(answer.how.encode()) <= 1024

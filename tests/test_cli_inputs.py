@@ -249,6 +249,7 @@ def test_probe_can_still_be_replaced_and_restored(monkeypatch: pytest.MonkeyPatc
     (["handshake", "--agent", "127.0.0.1:1", "--cert", "/nonexistent.pem", "--key", "/nonexistent.key", "--ca",
       "/nonexistent-ca.pem"], "--cert/--key /nonexistent.pem, /nonexistent.key: No such file or directory"),
     (["handshake", "--ssh=-oProxyCommand=x"], "--ssh '-oProxyCommand=x': expected [USER@]HOST"),
+    (["handshake", "--agent", "127.0.0.1:1", "--insecure", "--dest", "/" + "x" * 1100], "longer than 1024 bytes"),
 ])
 def test_handshake_arguments_that_cannot_work(args: list[str], named: str,
                                               listener: tuple[str, socket.socket]) -> None:

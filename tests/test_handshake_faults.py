@@ -243,6 +243,11 @@ def test_answer_on_stdio_refuses_garbage_and_says_so() -> None:
     reply = reply_of(done.stdout)
     assert done.returncode == 0 and isinstance(reply, Refusal) and reply.code == "malformed", (done, reply)
     assert b"refused" in done.stderr
+    with open(os.devnull, "rb") as empty:  # stdin a file, not a pipe: read as well
+        done = subprocess.run([PY, "-m", "qemu_offload_handshake", "answer"], stdin=empty, capture_output=True,
+                              timeout=60, check=False)
+    reply = reply_of(done.stdout)
+    assert done.returncode == 0 and isinstance(reply, Refusal) and "without sending an offer" in reply.message
 
 
 async def test_handshakes_naming_one_incoming_qemu_take_turns(qlab: Lab, pki: Pki) -> None:

@@ -198,16 +198,19 @@ async def test_the_scratch_qemu_reproduces_the_source_device(qlab: Lab, pki: Pki
     odd = Nic("net0", "tap", (("rx_queue_size", "1024"), ("host_mtu", "9000"),
                               ("speed", "10000"), ("duplex", "full"), ("romfile", ""), ("mq", "on"),
                               ("vectors", "6"), ("addr", "0x7"), ("guest_ecn", "off")), queues=2)
-    spec = VmSpec(nics=(odd, Nic.make("net1", "user", csum=False)))
+    # a third NIC without an id, on a tap without USO: a destination with USO is adjusted on it by its QOM path
+    spec = VmSpec(nics=(odd, Nic.make("net1", "user", csum=False), Nic("", "tap-nouso")))
     src = await qlab.start(spec)
-    dst = await qlab.start(spec.destination())
+    dst = await qlab.start(spec.destination({"": "tap"}))
     direct = await precheck(src.address, dst.address)
-    assert direct.verdict == "compatible", direct.findings
+    anon = "/machine/peripheral-anon/device[0]"
+    assert (direct.verdict, list(direct.adjustments)) == ("adjustable", [anon]), direct.findings
     async with agent(pki, "--qemu", str(hosts["10"])) as a:
         code, data = await cli_json("handshake", "--source", src.address, *tls(pki, a))
-    assert (code, summary(data)) == (0, ("compatible", {})), data
+    assert (code, summary(data)) == (3, ("adjustable", direct.adjustments)), data
     assert not {"state-differs", "config-differs", "device-missing", "device-extra"} & set(codes(data)), data
     assert [d["path"] for d in data["devices"]] == [n.dev_path for n in direct.source.nics]  # type: ignore[union-attr]
+    assert sorted(d["id"] for d in data["devices"]) == [anon, "net0", "net1"], data
 
 
 async def test_without_the_machine_type_the_destination_answers_from_its_dump(qlab: Lab, pki: Pki,

@@ -321,3 +321,29 @@ def test_overrides_are_sorted_and_checked() -> None:
     with pytest.raises(ValueError, match="on or off"):
         Answer(NONCE, Truth.SCRATCH, "x", Outcome.ADJUSTABLE, Mode.STRICT, adjustments=(("n", (("p", "auto"),)),),
                dest=MORE)
+
+
+@pytest.mark.parametrize(("outcome", "findings"), [
+    (Outcome.UNKNOWN, ()),
+    (Outcome.BLOCKED, ()),
+    (Outcome.UNKNOWN, (("", "probe-failed", "sent as info"),)),
+    (Outcome.COMPATIBLE, (("", "dest-cannot-run", "no machine type"),)),
+])
+def test_an_answer_without_truth_is_never_compatible_whatever_it_says(
+        outcome: Outcome, findings: tuple[tuple[str, str, str], ...]) -> None:
+    from qemu_offload_handshake.core.rules import Severity
+    from qemu_offload_handshake.core.verdict import Finding
+    o = offer()
+    sent = tuple(Finding(d, Severity.INFO, c, w) for d, c, w in findings)  # severities as a peer may send them
+    ans = Answer(o.nonce, Truth.NONE, "nothing", outcome, Mode.STRICT, sent)
+    verdict = verdict_of(o, decode_one(encode(ans)))
+    assert verdict.verdict in ("blocked", "unknown"), verdict
+    if not findings or outcome is Outcome.COMPATIBLE:
+        assert any(f.code == "handshake-disagrees" for f in verdict.findings), verdict.findings
+
+
+def decode_one(data: bytes) -> Answer:
+    from qemu_offload_handshake.core.wire import decode
+    record = decode(data)
+    assert isinstance(record, Answer)
+    return record

@@ -72,10 +72,14 @@ def verdict_of(offer: Offer, answer: Answer) -> Verdict:
     if answer.nonce != offer.nonce:
         raise ValueError("the answer is not to this offer (nonce)")
     if answer.dest is None and answer.dump is None:
-        verdict = Verdict(answer.outcome, answer.mode, answer.findings, adjustments={}, source=offer.source)
-        if answer.outcome in (Outcome.COMPATIBLE, Outcome.ADJUSTABLE):
+        # Nothing to decide again from: its findings, weighed by this side's rules, must say why not (blocked or
+        # unknown), and say what the destination said.
+        verdict = _from_findings(offer, [(f.device, f.code, f.why) for f in answer.findings])
+        if verdict.outcome in (Outcome.COMPATIBLE, Outcome.ADJUSTABLE) or verdict.outcome is not answer.outcome \
+                or answer.mode is not offer.mode:
             verdict = with_findings(verdict, [("", "handshake-disagrees", "the destination says "
-                                               f"{answer.outcome.value} without a report or dump to show for it")])
+                                               f"{answer.outcome.value} ({answer.mode.value}) without a report or "
+                                               "dump to show for it, and its findings do not say so")])
     else:
         try:
             verdict = _decide(offer, answer.dest, answer.dump)
