@@ -39,8 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from qemu_offload_handshake.answering import Destination, scratch_nics
@@ -53,6 +52,7 @@ from qemu_offload_handshake.core.rules import Mode
 from qemu_offload_handshake.core.wire import encode
 from qemu_offload_handshake.dump import dump_host
 from qemu_offload_handshake.lab import Lab, Vm, VmSpec, prerequisites
+from qemu_offload_handshake.lab.agents import AgentProcess, run_agent
 from qemu_offload_handshake.lab.certs import Pki, make_pki
 from qemu_offload_handshake.scratch import probe_scratch
 from qemu_offload_handshake.transport import ExchangeError, client_context, exchange_tls
@@ -66,64 +66,25 @@ LEAK_SLACK = 4 << 20  # RSS after the second 200 round vs after the first
 MIB = 1 << 20
 
 
-@dataclass
-class AgentProc:
-    proc: asyncio.subprocess.Process
-    port: int
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def memory(self) -> tuple[int, int]:
-        """(VmRSS, VmHWM) in bytes."""
-        text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
-        return values["VmRSS"], values["VmHWM"]
-
-    def reset_peak(self) -> bool:
-        """Reset VmHWM to the current RSS (Linux >= 4.0, ``echo 5 > /proc/PID/clear_refs``)."""
-        try:
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        except OSError:
-            return False
-        return True
+def memory(agent: AgentProcess) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of the agent process in bytes."""
+    text = Path(f"/proc/{agent.proc.pid}/status").read_text()
+    values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", text, re.M)}
+    return values["VmRSS"], values["VmHWM"]
 
 
-async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode(errors="replace").rstrip())
-
-
-@contextlib.asynccontextmanager
-async def serve(pki: Pki, *args: str) -> AsyncIterator[AgentProc]:
-    """The agent subprocess; stopped with SIGTERM (it ends its handshakes and their scratch QEMUs) and waited for."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "qemu_offload_handshake", "serve", "--listen", "127.0.0.1:0",
-        "--cert", str(pki.server_cert), "--key", str(pki.server_key), "--ca", str(pki.ca), *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    drain: asyncio.Future[None] | None = None
+def reset_peak(agent: AgentProcess) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, ``echo 5 > /proc/PID/clear_refs``)."""
     try:
-        first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode(errors="replace")
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", first)
-        if not found:
-            raise RuntimeError(f"the agent did not start: {first!r}")
-        agent = AgentProc(proc, int(found.group(1)), [first.rstrip()])
-        drain = asyncio.ensure_future(_drain(proc.stderr, agent.log))
-        yield agent
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if drain is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(drain, 5)
+        Path(f"/proc/{agent.proc.pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def serve(pki: Pki, *args: str) -> contextlib.AbstractAsyncContextManager[AgentProcess]:
+    """The agent subprocess (``lab.agents``); stopped with SIGTERM and waited for."""
+    return run_agent(pki, *args)
 
 
 async def interleaved(n: int, fns: dict[str, Callable[[], Awaitable[object]]]) -> dict[str, tuple[float, float]]:
@@ -155,7 +116,7 @@ def new_offer(source: VmReport, dest_address: str | None) -> Offer:
                  tuple(sorted(Policy().properties.items())), dest_address)
 
 
-async def named_incoming(label: str, src: Vm, dst: Vm, agent: AgentProc, ctx: ssl.SSLContext,
+async def named_incoming(label: str, src: Vm, dst: Vm, agent: AgentProcess, ctx: ssl.SSLContext,
                          failures: list[str]) -> tuple[float, float]:
     direct = await precheck(src.address, dst.address)
     shaken = await handshake(src.address, agent=agent.address, ssl_context=ctx, dest=dst.address)
@@ -200,7 +161,7 @@ async def named_incoming(label: str, src: Vm, dst: Vm, agent: AgentProc, ctx: ss
     return t["precheck"]
 
 
-async def scratch(src: Vm, agent: AgentProc, ctx: ssl.SSLContext, pre: tuple[float, float],
+async def scratch(src: Vm, agent: AgentProcess, ctx: ssl.SSLContext, pre: tuple[float, float],
                   failures: list[str]) -> None:
     dest = Destination()
     assert dest.qemu is not None
@@ -231,7 +192,7 @@ async def scratch(src: Vm, agent: AgentProc, ctx: ssl.SSLContext, pre: tuple[flo
           + verdict_line(failures, "2. scratch", t["handshake"][0] / base[0], SCRATCH_TARGET))
 
 
-async def concurrent(src: Vm, dump: HostDump, agent: AgentProc, ctx: ssl.SSLContext, failures: list[str]) -> None:
+async def concurrent(src: Vm, dump: HostDump, agent: AgentProcess, ctx: ssl.SSLContext, failures: list[str]) -> None:
     expected = f"answered {(await precheck(src.address, dest_dump=dump)).verdict}"
     source = await probe(src.address, side="source")  # once: every offer carries the same report
 
@@ -257,17 +218,17 @@ async def concurrent(src: Vm, dump: HostDump, agent: AgentProc, ctx: ssl.SSLCont
             raise RuntimeError(f"warm-up: {reply}")
     # The allocator keeps what a round freed (RSS stays near its peak) and the next round reuses it, so a round's
     # footprint is its peak above the warm agent's RSS (before the first round), not above its own start.
-    base, _ = agent.memory()
+    base, _ = memory(agent)
     peak_exact = True
     rows: list[tuple[int, int, int, int]] = []  # K, RSS before, peak during, RSS after
     for k in ROUNDS_K:
-        rss_before, _ = agent.memory()
-        peak_exact = agent.reset_peak() and peak_exact
+        rss_before, _ = memory(agent)
+        peak_exact = reset_peak(agent) and peak_exact
         start = time.perf_counter()
         results = await asyncio.gather(*(one() for _ in range(k)))
         elapsed = time.perf_counter() - start
         await asyncio.sleep(0.2)  # the agent closes its last connections and logs them
-        rss_after, hwm = agent.memory()
+        rss_after, hwm = memory(agent)
         rows.append((k, rss_before, hwm, rss_after))
         bad = [r for r, _ in results if r != expected]
         if bad:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import shlex
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from conftest import require_lab
 from qemu_offload_handshake.api import precheck
 from qemu_offload_handshake.core.argv import apply_adjustments
 from qemu_offload_handshake.lab import Backend, Lab, Nic, VmSpec
+from qemu_offload_handshake.lab.agents import AgentProcess, run_agent
 from qemu_offload_handshake.lab.certs import Pki, make_pki
 from qemu_offload_handshake.lab.hosts import HostKind, write_host
 from qemu_offload_handshake.lab.sshd import Sshd, sshd_prerequisites
@@ -30,50 +30,13 @@ pytestmark = pytest.mark.qemu
 PY = sys.executable
 
 
-@dataclass
-class Agent:
-    port: int
-    proc: asyncio.subprocess.Process
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+Agent = AgentProcess
 
 
-async def _drain(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode(errors="replace").rstrip())
-
-
-@contextlib.asynccontextmanager
-async def agent(pki: Pki, *args: str, listen: str = "127.0.0.1:0", insecure: bool = False) -> AsyncIterator[Agent]:
-    """A real agent subprocess with the lab's PKI (or plaintext on loopback); stopped with SIGTERM (it cleans up),
-    then checked gone."""
-    certs = ["--insecure"] if insecure else ["--cert", str(pki.server_cert), "--key", str(pki.server_key),
-                                             "--ca", str(pki.ca)]
-    proc = await asyncio.create_subprocess_exec(
-        PY, "-m", "qemu_offload_handshake", "serve", "--listen", listen, *certs, *args,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    try:
-        first = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", first)
-        assert found, first
-        running = Agent(int(found.group(1)), proc, [first.rstrip()])
-        drain = asyncio.ensure_future(_drain(proc.stderr, running.log))
-        yield running
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                pytest.fail("the agent did not stop within 15 s of SIGTERM")
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(drain, 5)
+def agent(pki: Pki, *args: str, listen: str = "127.0.0.1:0",
+          insecure: bool = False) -> contextlib.AbstractAsyncContextManager[AgentProcess]:
+    """A real agent subprocess with the lab's PKI (or plaintext on loopback)."""
+    return run_agent(None if insecure else pki, *args, listen=listen)
 
 
 async def cli(*args: str, timeout: float = 120) -> tuple[int, str, str]:
