@@ -35,7 +35,8 @@ from .core.errors import (
 )
 from .core.quirks import Version, known_crash
 
-__all__ = ["HMP_READ_ONLY", "READ_ONLY_COMMANDS", "Address", "ReadOnlyQMP", "parse_address"]
+__all__ = ["HMP_READ_ONLY", "MIGRATION_COMMANDS", "READ_ONLY_COMMANDS", "Address", "MigrationQMP", "ReadOnlyQMP",
+           "parse_address"]
 
 # Every command a precheck may send. Each only reads state (QEMU qapi/*.json: the query-* and x-query-* commands,
 # qom-list, qom-list-get and qom-get return values and change nothing). The README lists the same commands; a
@@ -54,6 +55,19 @@ READ_ONLY_COMMANDS = frozenset({
 # The exact HMP command lines allowed through human-monitor-command: "info network" prints each NIC's netdev
 # and its type (hmp_info_network in net/net.c), which no QMP query tells.
 HMP_READ_ONLY = frozenset({"info network"})
+# What the migrate command (migrate.py, and nothing else) sends besides the read-only commands, on a separate
+# client class (MigrationQMP): the precheck's client refuses every one of them. From QEMU's qapi/migration.json
+# and qapi/run-state.json / qapi/misc.json (cont).
+MIGRATION_COMMANDS = frozenset({
+    "query-status",  # the run state: running, paused, inmigrate, finish-migrate, postmigrate
+    "query-migrate",  # status and RAM progress
+    "migrate-set-capabilities",  # return-path, pause-before-switchover (both sides, before the migration)
+    "migrate-incoming",  # start listening on a destination started with -incoming defer
+    "migrate",  # start the migration on the source
+    "migrate-continue",  # leave the pre-switchover pause: switch over
+    "migrate_cancel",  # give up: the source resumes
+    "cont",  # resume a source that a failed migration left paused (it was running before)
+})
 
 Address = str | tuple[str, int]
 
@@ -83,6 +97,9 @@ def describe(address: Address) -> str:
 
 class ReadOnlyQMP:
     """One QMP connection that only sends allowlisted commands, each with a timeout."""
+
+    allowed: frozenset[str] = READ_ONLY_COMMANDS
+    kind = "read-only"
 
     def __init__(self, address: Address, *, timeout: float = 5.0) -> None:
         if timeout <= 0:
@@ -157,8 +174,8 @@ class ReadOnlyQMP:
             shown = ".".join(map(str, self.version)) if self.version else "an unknown version"
             raise UnsafeCommandError(f"{quirks.command_key(command, arguments)} is known to crash QEMU {shown} "
                                      f"({crash.effect}); not sent")
-        if command not in READ_ONLY_COMMANDS:
-            raise CommandNotAllowedError(f"{command!r} is not a read-only command; not sent")
+        if command not in self.allowed:
+            raise CommandNotAllowedError(f"{command!r} is not a {self.kind} command; not sent")
         if command == "human-monitor-command" and (arguments or {}).get("command-line") not in HMP_READ_ONLY:
             line = (arguments or {}).get("command-line")
             raise CommandNotAllowedError(f"human-monitor-command {line!r} is not in the read-only list; not sent")
@@ -173,3 +190,11 @@ class ReadOnlyQMP:
             raise CommandError(command, err.error_class, str(err)) from err
         except (QMPError, OSError, EOFError) as err:
             raise ProbeError(f"{where}: {command} failed: {err!r}") from err
+
+
+class MigrationQMP(ReadOnlyQMP):
+    """The migrate command's connection: the read-only commands and ``MIGRATION_COMMANDS``, nothing else (the
+    crash table applies as well)."""
+
+    allowed = READ_ONLY_COMMANDS | MIGRATION_COMMANDS
+    kind = "read-only or migration"

@@ -1,0 +1,288 @@
+"""Guarded migration: precheck, migrate, decide again at the switchover, verify after, never leave the source paused.
+
+``await migrate(source, dest, uri)`` (and ``python -m qemu_offload_handshake migrate``):
+
+1. the precheck (read-only, ``api.precheck``); anything but ``compatible`` is refused before a single command that
+   changes either QEMU is sent (``adjustable``: with what to add to the destination's command line);
+2. on both QEMUs, through ``qmp.MigrationQMP`` (the read-only commands plus ``qmp.MIGRATION_COMMANDS``, a list
+   only this module uses): ``return-path`` (the source learns whether the destination loaded the state, instead of
+   reporting ``completed`` while the destination is dead) and ``pause-before-switchover``; ``migrate-incoming`` on
+   the destination (started with ``-incoming defer``), ``migrate`` on the source;
+3. at ``pre-switchover`` (the source is stopped: its guest cannot change anything now) both sides are probed
+   again and decided again (``core.migration.recheck``): ``compatible`` goes on (``migrate-continue``), anything
+   else is cancelled (``migrate_cancel``) and the result says what changed since the precheck;
+4. after ``completed``: the destination must offer exactly what the source offered, per device as QEMU pairs them.
+
+Whatever ends it early (the destination exits, the connection is cut, the deadline, cancellation by the caller:
+Ctrl-C or SIGTERM in the CLI) the source is left as it was: QEMU resumes a source that was running when a migration
+fails or is cancelled (seen on 10.0; ``migration_iteration_finish`` in ``migration/migration.c``); if it is still
+paused a moment later, ``cont`` resumes it. A source that was paused before stays paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import time
+from collections.abc import Callable, Sequence
+
+from .api import precheck
+from .core.decide import Mode, Verdict
+from .core.errors import HandshakeError, ProbeError, UsageError
+from .core.migration import Ending, MigrationResult, offered_differences, progress_of, recheck
+from .core.model import VmReport
+from .core.policy import Policy
+from .core.verdict import Outcome
+from .destproc import Destination, start_destination
+from .probing import probe_vm
+from .qmp import MigrationQMP, parse_address
+
+__all__ = ["migrate", "set_options"]
+
+Event = dict[str, object]
+PROGRESS_EVERY = 0.25  # seconds between progress events (status changes are sent at once)
+POLL = 0.05
+
+
+def set_options(adjustments: dict[str, dict[str, str]]) -> tuple[str, ...]:
+    """What to add to a destination's command line for ``adjustments``: ``-set device.ID.PROP=VALUE``."""
+    out: list[str] = []
+    for nic, props in sorted(adjustments.items()):
+        for prop, value in sorted(props.items()):
+            if nic.startswith("/"):  # a device without an id: -set cannot name it
+                out.append(f"(on the -device of {nic}: {prop}={value})")
+            else:
+                out += ["-set", f"device.{nic}.{prop}={value}"]
+    return tuple(out)
+
+
+class _Run:
+    """One migration's state, and its events."""
+
+    def __init__(self, on_event: Callable[[Event], None] | None) -> None:
+        self.on_event, self.started = on_event, time.monotonic()
+        self.events: list[Event] = []
+        self.phase = ""
+        self.last_progress = -math.inf
+
+    def emit(self, event: Event) -> None:
+        event = {**event, "at_ms": round((time.monotonic() - self.started) * 1000)}
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def enter(self, phase: str, **more: object) -> None:
+        if phase != self.phase:
+            self.phase = phase
+            self.emit({"event": "phase", "phase": phase, **more})
+
+
+async def _state(qmp: MigrationQMP) -> str | None:
+    try:
+        status = await qmp.execute("query-status")
+    except HandshakeError:
+        return None
+    return str(status.get("status")) if isinstance(status, dict) else None
+
+
+async def _resume(qmp: MigrationQMP, was_running: bool) -> str | None:
+    """The source as it was: QEMU resumes a source that was running when the migration failed or was cancelled;
+    give it a moment, then ``cont`` if it is still paused. Returns the run state at the end."""
+    state = await _state(qmp)
+    for _ in range(40):
+        if not was_running or state in ("running", None):
+            break
+        await asyncio.sleep(POLL)
+        state = await _state(qmp)
+    if was_running and state not in ("running", None):
+        with contextlib.suppress(HandshakeError):
+            await qmp.execute("cont")
+        state = await _state(qmp)
+    return state
+
+
+async def _until_final(run: _Run, src: MigrationQMP, dst: MigrationQMP, *, deadline: float, check: bool,
+                       before: Verdict, mode: Mode, policy: Policy | None,
+                       found: dict[str, object]) -> str:
+    """Follow the migration to its end (``completed``, ``failed``, ``cancelled``); decide at the switchover."""
+    loop = asyncio.get_running_loop()
+    while True:
+        progress = progress_of(await src.execute("query-migrate"))
+        now = loop.time()
+        if progress.status != run.phase or now - run.last_progress >= PROGRESS_EVERY:
+            run.enter(progress.status)
+            run.last_progress = now
+            run.emit(progress.event())
+        if progress.final:
+            found["error"] = (await src.execute("query-migrate")).get("error-desc")
+            return progress.status
+        if now > deadline and "deadline" not in found:
+            found["deadline"] = True
+            await src.execute("migrate_cancel")
+        elif progress.status == "pre-switchover" and "recheck" not in found:
+            run.enter("recheck")
+            source_now, dest_now = await asyncio.gather(probe_vm(src, host=socket.gethostname(), side="source"),
+                                                        probe_vm(dst, host=socket.gethostname(), side="dest"))
+            verdict, changed = recheck(before, source_now, dest_now, mode=mode, policy=policy)
+            found.update(recheck=verdict, changed=changed, source_now=source_now)
+            run.emit({"event": "recheck", "verdict": verdict.verdict, "changed": list(changed)})
+            if check and verdict.outcome is Outcome.COMPATIBLE:
+                await src.execute("migrate-continue", {"state": "pre-switchover"})
+            elif check:
+                await src.execute("migrate_cancel")
+            else:  # the re-check disabled (to show what it saves): switch over whatever it says
+                await src.execute("migrate-continue", {"state": "pre-switchover"})
+        await asyncio.sleep(POLL)
+
+
+async def migrate(source: str, dest: str | None = None, uri: str = "", *, lenient: bool = False,
+                  policy: Policy | None = None, timeout: float = 5.0, deadline: float = 600.0,
+                  check: bool = True, dest_argv: Sequence[str] | None = None,
+                  on_event: Callable[[Event], None] | None = None) -> MigrationResult:
+    """Migrate ``source`` (a QMP address) to ``dest`` (the incoming QEMU's QMP address, started with ``-incoming
+    defer``) over ``uri`` (QEMU's migration URI, e.g. ``unix:/run/m.sock`` or ``tcp:10.0.0.2:4444``), guarded as the
+    module docstring says. ``dest_argv`` instead of ``dest``: start the destination from that QEMU command line
+    (``-incoming defer`` and a QMP socket added; adjusted when the precheck is adjustable); it keeps running after a
+    migration and is killed otherwise. ``check`` False skips the decision at the switchover (to show what it saves).
+    Raises only ``UsageError``; everything else is the result."""
+    if (dest is None) == (dest_argv is None):
+        raise UsageError("give either dest (a QMP address) or dest_argv (a QEMU command line), not both or neither")
+    if not isinstance(uri, str) or not uri or uri.startswith("-") or any(c.isspace() for c in uri):
+        raise UsageError(f"migration URI {uri!r}: e.g. unix:/run/m.sock or tcp:HOST:PORT")
+    parse_address(source)
+    if dest is not None:
+        parse_address(dest)
+    for name, value in (("timeout", timeout), ("deadline", deadline)):
+        if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise UsageError(f"{name} must be a positive number of seconds, not {value!r}")
+    run = _Run(on_event)
+    mode = Mode.LENIENT if lenient else Mode.STRICT
+    started: Destination | None = None
+    run.enter("precheck")
+    try:
+        if dest_argv is not None:
+            started, verdict = await _start_and_check(run, source, dest_argv, lenient=lenient, policy=policy,
+                                                      timeout=timeout)
+            dest = started.address
+        else:
+            verdict = await precheck(source, dest, lenient=lenient, policy=policy, timeout=timeout)
+        run.emit({"event": "precheck", "verdict": verdict.verdict, "adjustments": verdict.adjustments})
+        if verdict.outcome is not Outcome.COMPATIBLE:
+            return _refused(run, verdict)
+        assert dest is not None
+        result = await _migrate(run, source, dest, uri, verdict, mode=mode, policy=policy, timeout=timeout,
+                                deadline=deadline, check=check)
+        if started is not None and result.ending is Ending.MIGRATED:
+            result = _with(result, dest_pid=started.pid)
+            started.keep()
+        return result
+    finally:
+        if started is not None:
+            await started.close()  # kills it unless kept
+
+
+def _with(result: MigrationResult, **changes: object) -> MigrationResult:
+    from dataclasses import replace
+    return replace(result, **changes)  # type: ignore[arg-type]
+
+
+def _refused(run: _Run, verdict: Verdict) -> MigrationResult:
+    why = {Outcome.BLOCKED: "the precheck blocks it", Outcome.UNKNOWN: "the precheck could not decide",
+           Outcome.ADJUSTABLE: "the destination must be started with the adjustments first"}[verdict.outcome]
+    run.enter("refused")
+    return MigrationResult(Ending.REFUSED, f"not migrated: {why}; nothing was sent to either QEMU", verdict,
+                           add_to_dest=set_options(verdict.adjustments), events=run.events)
+
+
+async def _start_and_check(run: _Run, source: str, argv: Sequence[str], *, lenient: bool, policy: Policy | None,
+                           timeout: float) -> tuple[Destination, Verdict]:
+    """Start the destination from ``argv``; if the precheck is adjustable, start it again with the adjustments."""
+    started = await start_destination(argv, timeout=max(timeout, 10.0))
+    verdict = await precheck(source, started.address, lenient=lenient, policy=policy, timeout=timeout)
+    if verdict.outcome is Outcome.ADJUSTABLE:
+        run.emit({"event": "adjusting", "adjustments": verdict.adjustments})
+        await started.close()
+        started = await start_destination(argv, timeout=max(timeout, 10.0), adjustments=verdict.adjustments)
+        verdict = await precheck(source, started.address, lenient=lenient, policy=policy, timeout=timeout)
+    return started, verdict
+
+
+async def _migrate(run: _Run, source: str, dest: str, uri: str, before: Verdict, *, mode: Mode,
+                   policy: Policy | None, timeout: float, deadline: float, check: bool) -> MigrationResult:
+    loop = asyncio.get_running_loop()
+    found: dict[str, object] = {}
+    src = MigrationQMP(parse_address(source), timeout=timeout)
+    dst = MigrationQMP(parse_address(dest), timeout=timeout)
+    was_running = False
+    status = "failed"
+    try:
+        await asyncio.gather(src.connect(), dst.connect())
+        was_running = await _state(src) == "running"
+        caps = {"capabilities": [{"capability": "return-path", "state": True},
+                                 {"capability": "pause-before-switchover", "state": True}]}
+        run.enter("setup")
+        await asyncio.gather(src.execute("migrate-set-capabilities", caps),
+                             dst.execute("migrate-set-capabilities", caps))
+        await dst.execute("migrate-incoming", {"uri": uri})
+        await src.execute("migrate", {"uri": uri})
+        status = await _until_final(run, src, dst, deadline=loop.time() + deadline, check=check, before=before,
+                                    mode=mode, policy=policy, found=found)
+    except asyncio.CancelledError:
+        found["interrupted"] = True
+        with contextlib.suppress(HandshakeError):
+            await src.execute("migrate_cancel")
+            for _ in range(100):
+                if progress_of(await src.execute("query-migrate")).final:
+                    break
+                await asyncio.sleep(POLL)
+        status = "cancelled"
+    except HandshakeError as err:
+        found["error"] = str(err)
+        with contextlib.suppress(HandshakeError):
+            await src.execute("migrate_cancel")
+    try:
+        return await _conclude(run, src, dst, status, before, found, was_running)
+    finally:
+        await asyncio.gather(src.close(), dst.close())
+
+
+async def _conclude(run: _Run, src: MigrationQMP, dst: MigrationQMP, status: str, before: Verdict,
+                    found: dict[str, object], was_running: bool) -> MigrationResult:
+    verdict = found.get("recheck")
+    rechecked = verdict if isinstance(verdict, Verdict) else None
+    seen = found.get("changed")
+    changed: tuple[str, ...] = tuple(str(c) for c in seen) if isinstance(seen, tuple) else ()
+    if status == "completed":
+        source_now = found.get("source_now")
+        offered: VmReport | None = source_now if isinstance(source_now, VmReport) else before.source
+        try:
+            after = await probe_vm(dst, host=socket.gethostname(), side="dest")
+            differences = offered_differences(offered, after) if offered is not None else ("the source's report "
+                                                                                          "is missing",)
+        except ProbeError as err:
+            differences = (f"the destination could not be read after the migration: {err}",)
+        run.enter("verified" if not differences else "verify-failed")
+        result = MigrationResult(Ending.MIGRATED, "migrated" + ("; the destination offers what the source offered"
+                                                                if not differences else
+                                                                "; but the destination's features differ"),
+                                 before, rechecked, changed, differences, await _state(src), await _state(dst),
+                                 events=run.events)
+        run.emit({"event": "result", "ending": result.ending.value})
+        return result
+    source_state = await _resume(src, was_running)
+    if found.get("interrupted"):
+        ending, why = Ending.CANCELLED, "cancelled by the operator"
+    elif rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE and status == "cancelled":
+        ending, why = Ending.CANCELLED, (f"cancelled at the switchover: the decision there is {rechecked.verdict}"
+                                         + (f" ({'; '.join(changed)})" if changed else ""))
+    elif found.get("deadline"):
+        ending, why = Ending.FAILED, "cancelled: the migration did not end before the deadline"
+    else:
+        ending, why = Ending.FAILED, f"the migration {status}: {found.get('error') or 'no reason given'}"
+    run.enter(ending.value)
+    result = MigrationResult(ending, f"{why}; source {source_state or 'gone'}", before, rechecked, changed, None,
+                             source_state, await _state(dst), events=run.events)
+    run.emit({"event": "result", "ending": result.ending.value})
+    return result
