@@ -13,28 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
 
 from qemu.qmp import QMPClient, QMPError
 
-from ..core.labels import parse_feature_block, parse_status
-from ..core.quirks import known_crash
-from ..probing import split_virtio_path
 from .builds import (
     NAME_PREFIX,
     TAP_PREFIX,
     VERSIONS,
     LabError,
     QemuBuild,
-    QemuVersion,
     before_first_device,
     cache_dir,
     ip,
@@ -43,13 +37,16 @@ from .builds import (
     qemu_build,
 )
 from .leaks import Leftovers, clean, clean_stale, leftovers, owned_leftovers, stale_leftovers
+from .vm import Backend, Migration, Mode, Nic, Vm, VmSpec
 
 __all__ = [
     "VERSIONS",
+    "Backend",
     "Lab",
     "LabError",
     "Leftovers",
     "Migration",
+    "Mode",
     "Nic",
     "QemuBuild",
     "Vm",
@@ -65,150 +62,9 @@ __all__ = [
     "stale_leftovers",
 ]
 
-Backend = Literal["tap", "tap-nouso", "tap-notunnel", "user"]
-Mode = Literal["paused", "booted", "incoming"]
-
 GUEST_READY = "QOH-GUEST-READY"
+GUEST_WAITING = "QOH-GUEST-WAITING"  # the guest sleeps its driver_delay before loading virtio_net
 DRIVER_OK = 4
-
-
-
-@dataclass(frozen=True, slots=True)
-class Nic:
-    """One virtio-net NIC: its qdev id, its backend and extra ``-device`` properties."""
-
-    id: str  # "" for a device created without an id (QEMU puts it under /machine/peripheral-anon)
-    backend: Backend = "tap"
-    props: tuple[tuple[str, str], ...] = ()
-    driver: str = "virtio-net-pci"
-    queues: int = 1  # tap queue pairs (a multi-queue tap and netdev queues=N when > 1)
-
-    @classmethod
-    def make(cls, id: str, backend: Backend = "tap", **props: str | bool) -> Nic:
-        items = tuple((k, ("on" if v else "off") if isinstance(v, bool) else v) for k, v in props.items())
-        return cls(id, backend, items)
-
-
-@dataclass(frozen=True, slots=True)
-class VmSpec:
-    qemu: QemuVersion = "10"
-    machine: str = "q35"
-    nics: tuple[Nic, ...] = (Nic("net0"),)
-    mode: Mode = "paused"
-    memory_mb: int = 256
-    vm_name: str = "vm"  # QEMU's -name is qoh-lab-<pid>-<vm_name>: a source and its destination share it, as with
-    # libvirt, Nova and KubeVirt (the precheck's `check` refuses reports of different VMs)
-
-    def destination(self, backends: Mapping[str, Backend] | None = None, **changes: Any) -> VmSpec:
-        """The same VM as an ``-incoming defer`` destination, with some NIC backends replaced."""
-        backends = backends or {}
-        nics = tuple(replace(n, backend=backends.get(n.id, n.backend)) for n in self.nics)
-        return replace(self, mode="incoming", nics=nics, **changes)
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    status: str  # completed / failed / cancelled / timeout
-    error: str | None  # the source's error-desc
-    dest_error: str  # what the destination printed on stderr
-    source_state: str | None  # run state of the source afterwards (None: it is gone)
-    dest_state: str | None  # run state of the destination afterwards (None: it exited)
-    offered_before: dict[str, int]  # qdev id -> bitmap offered by the source (empty where it cannot be read)
-    offered_after: dict[str, int] | None  # qdev id -> bitmap offered by the destination, if it lives
-
-    @property
-    def source_running(self) -> bool:
-        return self.source_state == "running"
-
-
-@dataclass
-class Vm:
-    spec: VmSpec
-    name: str
-    dir: Path
-    argv: list[str]
-    proc: asyncio.subprocess.Process
-    taps: dict[str, str]  # nic id -> tap name
-    qmp: QMPClient = field(default_factory=QMPClient)
-
-    @property
-    def qmp_path(self) -> str:
-        """The lab's own QMP socket (it drives QEMU through it)."""
-        return str(self.dir / "qmp.sock")
-
-    @property
-    def address(self) -> str:
-        """A second QMP socket for others (the precheck, an orchestrator): ``unix:/path``."""
-        return f"unix:{self.dir / 'ext.sock'}"
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    @property
-    def version(self) -> tuple[int, int, int] | None:
-        greeting = self.qmp.greeting
-        if greeting is None:
-            return None
-        qemu = greeting.QMP.version["qemu"]
-        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])  # type: ignore[index]
-
-    @property
-    def status_readable(self) -> bool:
-        """Whether x-query-virtio-status is safe on this QEMU (the lab never sends what crashes it either)."""
-        return known_crash("x-query-virtio-status", None, self.version) is None
-
-    def guest_features(self) -> dict[str, int]:
-        """Guest interface -> the features its driver negotiated, as the guest itself printed them at boot
-        (``/sys/class/net/IF/device/features``: character i is bit i)."""
-        return {m.group(1): int(m.group(2)[::-1], 2)
-                for m in re.finditer(r"QOH-GUEST-NIC (\S+) ([01]+)", self.serial_text())}
-
-    def stderr_text(self) -> str:
-        return (self.dir / "stderr.log").read_text(errors="replace")
-
-    def serial_text(self) -> str:
-        path = self.dir / "serial.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    async def execute(self, command: str, args: Mapping[str, object] | None = None,
-                      timeout: float = 30.0) -> Any:
-        try:
-            return await asyncio.wait_for(self.qmp.execute(command, dict(args) if args else None), timeout)
-        except (QMPError, TimeoutError, OSError) as err:
-            raise LabError(f"{self.name}: {command} failed: {err!r}; stderr: {self.stderr_text()}") from err
-
-    async def virtio_paths(self) -> dict[str, str]:
-        """Device key (qdev id, or QOM path when it has none, as ``NicReport.key``) -> its virtio backend path."""
-        paths = {}
-        for dev in await self.execute("x-query-virtio"):
-            if dev["name"] == "virtio-net":
-                qdev_id, device = split_virtio_path(dev["path"])
-                paths[qdev_id or device] = dev["path"]
-        return paths
-
-    async def _statuses(self) -> dict[str, Any]:
-        if not self.status_readable:
-            raise LabError(f"{self.name}: x-query-virtio-status is known to crash QEMU {self.version}; not sent")
-        return {nic: await self.execute("x-query-virtio-status", {"path": path})
-                for nic, path in (await self.virtio_paths()).items()}
-
-    async def features(self, which: str = "host-features") -> dict[str, int]:
-        """Device key -> feature bitmap (``host-features`` = offered, ``guest-features`` = negotiated)."""
-        return {nic: parse_feature_block(status[which], where=f"{self.name} {nic}").bitmap
-                for nic, status in (await self._statuses()).items()}
-
-    async def driver_status(self) -> dict[str, int]:
-        return {nic: parse_status(status["status"]) for nic, status in (await self._statuses()).items()}
-
-    async def run_state(self) -> str | None:
-        if not self.alive:
-            return None
-        try:
-            reply = await asyncio.wait_for(self.qmp.execute("query-status"), 10)
-        except (QMPError, TimeoutError, OSError):
-            return None
-        return str(reply["status"])  # type: ignore[index]
 
 
 class Lab:
@@ -238,6 +94,14 @@ class Lab:
     def _nic_key(nic: Nic, index: int) -> str:
         return nic.id or f"#{index}"
 
+    @staticmethod
+    def _delay_arg(spec: VmSpec) -> str:
+        if spec.driver_delay is None:
+            return ""
+        if not 0 <= spec.driver_delay <= 3600:
+            raise LabError(f"driver_delay must be 0 to 3600 seconds, not {spec.driver_delay}")
+        return f" qoh.delay={math.ceil(spec.driver_delay)}"
+
     def _argv(self, spec: VmSpec, name: str, vmdir: Path, taps: Mapping[str, str]) -> list[str]:
         build = qemu_build(spec.qemu)
         guest = cache_dir() / "guest"
@@ -252,7 +116,7 @@ class Lab:
                 "-serial", f"file:{vmdir / 'serial.log'}",
                 # The same kernel on every side (also paused and incoming ones) so both sides have equal ROMs.
                 "-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz"),
-                "-append", "console=ttyS0 panic=-1 quiet"]
+                "-append", "console=ttyS0 panic=-1 quiet" + self._delay_arg(spec)]
         for index, nic in enumerate(spec.nics):
             netdev = f"hn{index}"
             if nic.backend == "user":
@@ -273,7 +137,8 @@ class Lab:
 
     async def start(self, spec: VmSpec, *, extra_args: Iterable[str] = (),
                     rewrite: Callable[[list[str]], list[str]] | None = None) -> Vm:
-        """Start one QEMU; in ``booted`` mode return once the guest's virtio-net driver is up.
+        """Start one QEMU; in ``booted`` mode return once the guest's virtio-net driver is up (with a
+        ``driver_delay``: once the guest waits to load it; ``wait_guest_ready`` then waits for the driver).
 
         ``rewrite`` may change the command line before QEMU starts (e.g. ``argv.apply_adjustments``)."""
         self._count += 1
@@ -298,7 +163,7 @@ class Lab:
         self.vms.append(vm)
         await self._connect(vm)
         if spec.mode == "booted":
-            await self._wait_guest(vm)
+            await (self._wait_serial(vm, GUEST_WAITING) if spec.driver_delay is not None else self._wait_guest(vm))
         return vm
 
     async def _connect(self, vm: Vm) -> None:
@@ -317,16 +182,24 @@ class Lab:
                 raise LabError(f"{vm.name}: no QMP socket after 30 s; stderr: {vm.stderr_text()}")
             await asyncio.sleep(0.05)
 
-    async def _wait_guest(self, vm: Vm) -> None:
+    async def wait_guest_ready(self, vm: Vm) -> None:
+        """Wait until a booted guest (one started with a ``driver_delay``) printed QOH-GUEST-READY, and check that
+        its virtio-net drivers are up (DRIVER_OK), as ``start`` does without a delay."""
+        await self._wait_guest(vm)
+
+    async def _wait_serial(self, vm: Vm, marker: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.boot_timeout
-        while GUEST_READY not in vm.serial_text():
+        while marker not in vm.serial_text():
             text = vm.serial_text()
             if "Kernel panic" in text or "QOH-GUEST-ERROR" in text or not vm.alive:
                 raise LabError(f"{vm.name}: guest failed to boot; serial:\n{text[-2000:]}\n{vm.stderr_text()}")
             if loop.time() > deadline:
-                raise LabError(f"{vm.name}: guest not ready after {self.boot_timeout} s; serial:\n{text[-2000:]}")
+                raise LabError(f"{vm.name}: no {marker} after {self.boot_timeout} s; serial:\n{text[-2000:]}")
             await asyncio.sleep(0.1)
+
+    async def _wait_guest(self, vm: Vm) -> None:
+        await self._wait_serial(vm, GUEST_READY)
         if not vm.status_readable:  # the guest's own report: one line per NIC whose virtio driver is bound
             if len(vm.guest_features()) != len(vm.spec.nics):
                 raise LabError(f"{vm.name}: guest is up but a virtio-net driver is not: {vm.serial_text()[-2000:]}")
