@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .core.errors import UsageError
 from .core.migration import MigrationResult, progress_of
 from .render import verdict_json
 
@@ -29,14 +30,18 @@ def add_parser(sub: Any, timeout: Callable[[str], float],
     p.add_argument("--dest", metavar="ADDR", help="the destination's QMP address (started with -incoming defer)")
     p.add_argument("--uri", required=True, metavar="URI", help="QEMU's migration URI: unix:/path or tcp:HOST:PORT "
                                                                "(the destination listens there)")
+    p.add_argument("--dest-uri", metavar="URI", help="where the destination listens, if the source reaches it at "
+                                                     "another address (default: --uri)")
     p.add_argument("--timeout", type=timeout, default=5.0, metavar="S", help="timeout of each QMP call (default 5)")
     p.add_argument("--deadline", type=timeout, default=600.0, metavar="S",
                    help="the whole migration's deadline; then it is cancelled (default 600)")
     p.add_argument("--no-recheck", action="store_true",
                    help="do not decide again at the switchover (shows what the re-check prevents)")
     decision_args(p)
-    p.add_argument("--dest-argv", nargs=argparse.REMAINDER, metavar="QEMU-ARGV",
-                   help="(last) start the destination from this QEMU command line, adjusted when needed")
+    p.add_argument("--dest-argv", action="store_true",
+                   help="start the destination from the QEMU command line after --, adjusted when needed")
+    p.add_argument("qemu_argv", nargs=argparse.REMAINDER, metavar="-- QEMU-ARGV...",
+                   help="with --dest-argv: the destination's QEMU command line (without -incoming)")
 
 
 def _result_json(result: MigrationResult) -> dict[str, Any]:
@@ -69,9 +74,10 @@ def _text(result: MigrationResult) -> str:
 
 def run(args: argparse.Namespace, *, policy: Any) -> int:
     from .migrate import migrate
-    argv = args.dest_argv
-    if argv is not None:
-        argv = argv[1:] if argv[:1] == ["--"] else argv
+    argv = args.qemu_argv[1:] if args.qemu_argv[:1] == ["--"] else args.qemu_argv
+    if args.dest_argv != bool(argv) or (args.dest_argv and args.dest):
+        raise UsageError("give --dest ADDR, or --dest-argv -- QEMU-ARGV... (the destination's command line)")
+    argv = argv if args.dest_argv else None
     live = not args.json and sys.stderr.isatty()
 
     def on_event(event: dict[str, object]) -> None:
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace, *, policy: Any) -> int:
     async def main() -> MigrationResult | None:
         task = asyncio.ensure_future(migrate(args.source, args.dest, args.uri, lenient=args.lenient,
                                              policy=policy(args), timeout=args.timeout, deadline=args.deadline,
-                                             check=not args.no_recheck, dest_argv=argv, on_event=on_event))
+                                             check=not args.no_recheck, dest_argv=argv, dest_uri=args.dest_uri,
+                                             on_event=on_event))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

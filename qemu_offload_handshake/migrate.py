@@ -139,18 +139,20 @@ async def _until_final(run: _Run, src: MigrationQMP, dst: MigrationQMP, *, deadl
 
 async def migrate(source: str, dest: str | None = None, uri: str = "", *, lenient: bool = False,
                   policy: Policy | None = None, timeout: float = 5.0, deadline: float = 600.0,
-                  check: bool = True, dest_argv: Sequence[str] | None = None,
+                  check: bool = True, dest_argv: Sequence[str] | None = None, dest_uri: str | None = None,
                   on_event: Callable[[Event], None] | None = None) -> MigrationResult:
     """Migrate ``source`` (a QMP address) to ``dest`` (the incoming QEMU's QMP address, started with ``-incoming
     defer``) over ``uri`` (QEMU's migration URI, e.g. ``unix:/run/m.sock`` or ``tcp:10.0.0.2:4444``), guarded as the
     module docstring says. ``dest_argv`` instead of ``dest``: start the destination from that QEMU command line
     (``-incoming defer`` and a QMP socket added; adjusted when the precheck is adjustable); it keeps running after a
-    migration and is killed otherwise. ``check`` False skips the decision at the switchover (to show what it saves).
-    Raises only ``UsageError``; everything else is the result."""
+    migration and is killed otherwise. ``dest_uri``: where the destination listens, when the source reaches it at
+    another address (NAT, a relay); default ``uri``. ``check`` False skips the decision at the switchover (to show
+    what it saves). Raises only ``UsageError``; everything else is the result."""
     if (dest is None) == (dest_argv is None):
         raise UsageError("give either dest (a QMP address) or dest_argv (a QEMU command line), not both or neither")
-    if not isinstance(uri, str) or not uri or uri.startswith("-") or any(c.isspace() for c in uri):
-        raise UsageError(f"migration URI {uri!r}: e.g. unix:/run/m.sock or tcp:HOST:PORT")
+    for given in (uri, dest_uri) if dest_uri is not None else (uri,):
+        if not isinstance(given, str) or not given or given.startswith("-") or any(c.isspace() for c in given):
+            raise UsageError(f"migration URI {given!r}: e.g. unix:/run/m.sock or tcp:HOST:PORT")
     parse_address(source)
     if dest is not None:
         parse_address(dest)
@@ -172,8 +174,8 @@ async def migrate(source: str, dest: str | None = None, uri: str = "", *, lenien
         if verdict.outcome is not Outcome.COMPATIBLE:
             return _refused(run, verdict)
         assert dest is not None
-        result = await _migrate(run, source, dest, uri, verdict, mode=mode, policy=policy, timeout=timeout,
-                                deadline=deadline, check=check)
+        result = await _migrate(run, source, dest, (uri, dest_uri or uri), verdict, mode=mode, policy=policy,
+                                timeout=timeout, deadline=deadline, check=check)
         if started is not None and result.ending is Ending.MIGRATED:
             result = _with(result, dest_pid=started.pid)
             started.keep()
@@ -209,7 +211,7 @@ async def _start_and_check(run: _Run, source: str, argv: Sequence[str], *, lenie
     return started, verdict
 
 
-async def _migrate(run: _Run, source: str, dest: str, uri: str, before: Verdict, *, mode: Mode,
+async def _migrate(run: _Run, source: str, dest: str, uris: tuple[str, str], before: Verdict, *, mode: Mode,
                    policy: Policy | None, timeout: float, deadline: float, check: bool) -> MigrationResult:
     loop = asyncio.get_running_loop()
     found: dict[str, object] = {}
@@ -225,8 +227,8 @@ async def _migrate(run: _Run, source: str, dest: str, uri: str, before: Verdict,
         run.enter("setup")
         await asyncio.gather(src.execute("migrate-set-capabilities", caps),
                              dst.execute("migrate-set-capabilities", caps))
-        await dst.execute("migrate-incoming", {"uri": uri})
-        await src.execute("migrate", {"uri": uri})
+        await dst.execute("migrate-incoming", {"uri": uris[1]})
+        await src.execute("migrate", {"uri": uris[0]})
         status = await _until_final(run, src, dst, deadline=loop.time() + deadline, check=check, before=before,
                                     mode=mode, policy=policy, found=found)
     except asyncio.CancelledError:
@@ -281,6 +283,8 @@ async def _conclude(run: _Run, src: MigrationQMP, dst: MigrationQMP, status: str
         ending, why = Ending.FAILED, "cancelled: the migration did not end before the deadline"
     else:
         ending, why = Ending.FAILED, f"the migration {status}: {found.get('error') or 'no reason given'}"
+        if rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE:
+            why += f" (the decision at the switchover was {rechecked.verdict}, not acted on: re-check disabled)"
     run.enter(ending.value)
     result = MigrationResult(ending, f"{why}; source {source_state or 'gone'}", before, rechecked, changed, None,
                              source_state, await _state(dst), events=run.events)

@@ -189,6 +189,7 @@ class MigrationResult:
             return 0 if not self.differences else EXIT_FAILED
         if self.ending is Ending.REFUSED:
             return {Outcome.BLOCKED: 1, Outcome.ADJUSTABLE: 3, Outcome.UNKNOWN: 4}.get(self.precheck.outcome, 4)
-        if self.recheck is not None and self.recheck.outcome is not Outcome.COMPATIBLE:
+        if self.ending is Ending.CANCELLED and self.recheck is not None \
+                and self.recheck.outcome is not Outcome.COMPATIBLE:
             return 1  # the re-check blocked it
         return EXIT_FAILED

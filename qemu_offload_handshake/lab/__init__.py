@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from qemu.qmp import QMPClient, QMPError
@@ -134,6 +135,19 @@ class Lab:
         elif spec.mode == "incoming":
             argv += ["-incoming", "defer"]
         return argv
+
+    def command_line(self, spec: VmSpec) -> list[str]:
+        """The command line ``start`` would run for ``spec`` in ``booted`` mode (nothing added for the mode), its
+        taps made (deleted in ``close``), for a QEMU someone else starts (``migrate --dest-argv``). Plain taps and
+        ``user`` only: the no-USO shim needs an environment a command line cannot carry."""
+        if any(n.backend not in ("tap", "user") for n in spec.nics):
+            raise LabError("command_line: tap and user NICs only")
+        self._count += 1
+        name = f"{NAME_PREFIX}{os.getpid()}-{self._count}"
+        vmdir = self.dir / name
+        vmdir.mkdir()
+        taps = {self._nic_key(n, i): self._new_tap(n.queues) for i, n in enumerate(spec.nics) if n.backend != "user"}
+        return self._argv(replace(spec, mode="booted"), name, vmdir, taps)
 
     async def start(self, spec: VmSpec, *, extra_args: Iterable[str] = (),
                     rewrite: Callable[[list[str]], list[str]] | None = None) -> Vm:
