@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -239,3 +240,48 @@ def _remove_dest_folders() -> None:
         owner = folder.name.split("-")[2]
         if owner.isdigit() and not _alive(int(owner)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_source_paused_before_stays_paused(qlab: Lab) -> None:
+    src = await qlab.start(VmSpec(mode="booted"))
+    dst = await qlab.start(VmSpec(mode="booted").destination())
+    await src.execute("stop")
+    await src.execute("migrate-set-parameters", {"max-bandwidth": SLOW})
+    async with migrate("--source", src.address, "--dest", dst.address, "--uri", f"unix:{qlab.dir}/p.mig") as run:
+        await run.until(lambda e: e.get("status") == "active")
+        run.proc.send_signal(signal.SIGTERM)
+        code, result = await run.result()
+    assert (code, result["ending"]) == (5, "cancelled"), result
+    assert result["source_state"] == "paused" and await src.run_state() == "paused"
+
+
+async def test_on_a_terminal_one_live_progress_line(qlab: Lab) -> None:
+    """Without --json and with a terminal on stderr: one line rewritten in place (carriage returns), the result on
+    stdout."""
+    import pty
+    src = await qlab.start(VmSpec(mode="booted"))
+    dst = await qlab.start(VmSpec(mode="booted").destination())
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 64 << 20})
+    leader, follower = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "qemu_offload_handshake", "migrate",
+                                                "--source", src.address, "--dest", dst.address, "--uri",
+                                                f"unix:{qlab.dir}/tty.mig", stdout=asyncio.subprocess.PIPE,
+                                                stderr=follower)
+    os.close(follower)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    shown = await asyncio.to_thread(_read_all, leader)
+    assert proc.returncode == 0, (out, shown)
+    assert out.decode().startswith("migrated: "), out
+    assert "\r" in shown and re.search(r"active +[0-9.]+% of [0-9]+ MiB +[0-9.]+ Mbit/s", shown), shown
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    try:
+        while data := os.read(fd, 65536):
+            chunks.append(data)
+    except OSError:  # EIO once the other side is closed
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
