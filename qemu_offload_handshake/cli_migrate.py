@@ -3,7 +3,9 @@ per line on stdout (phases, progress at most four times a second, the re-check, 
 SIGTERM cancels the migration and leaves the source running. Exit codes: 0 migrated (and the destination offers
 what the source offered), 1 blocked (by the precheck or at the switchover), 3 adjustable (refused: start the
 destination with the adjustments, or use --dest-argv), 4 unknown, 5 the migration failed or was cancelled (the
-source runs on), 2 bad arguments."""
+source is as it was), 6 migrated but the destination offers other features (the VM runs there), 2 bad arguments
+or a pair that cannot migrate now (the destination not waiting with -incoming defer, the source already
+migrating)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def _result_json(result: MigrationResult) -> dict[str, Any]:
             "changed": list(result.changed),
             "differences": None if result.differences is None else list(result.differences),
             "add_to_dest": list(result.add_to_dest), "dest_pid": result.dest_pid,
+            "dest_address": result.dest_address,
             "precheck": verdict_json(result.precheck),
             "recheck": None if result.recheck is None else verdict_json(result.recheck)}
 
@@ -96,8 +99,15 @@ def run(args: argparse.Namespace, *, policy: Any) -> int:
                                              check=not args.no_recheck, dest_argv=argv, dest_uri=args.dest_uri,
                                              on_event=on_event))
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+
+        def cancel_once() -> None:  # a second Ctrl-C must not cut the clean-up short
+            for sig in signals:
+                loop.add_signal_handler(sig, lambda: None)
+            task.cancel()
+
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
+        for sig in signals:
+            loop.add_signal_handler(sig, cancel_once)
         try:
             return await task
         except asyncio.CancelledError:  # before the migration started: nothing was changed

@@ -22,15 +22,15 @@ paused a moment later, ``cont`` resumes it. A source that was paused before stay
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import socket
 import time
 from collections.abc import Callable, Sequence
 
+from . import migrate_steps as steps
 from .api import precheck
 from .core.decide import Mode, Verdict
-from .core.errors import HandshakeError, ProbeError, UsageError
+from .core.errors import HandshakeError, UsageError
 from .core.migration import Ending, MigrationResult, Progress, offered_differences, progress_of, recheck
 from .core.model import VmReport
 from .core.policy import Policy
@@ -72,36 +72,15 @@ class _Run:
         event = {**event, "at_ms": round((time.monotonic() - self.started) * 1000)}
         self.events.append(event)
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:  # a reader that went away (a closed pipe) must not abandon a migration
+                self.on_event = None
 
     def enter(self, phase: str, **more: object) -> None:
         if phase != self.phase:
             self.phase = phase
             self.emit({"event": "phase", "phase": phase, **more})
-
-
-async def _state(qmp: MigrationQMP) -> str | None:
-    try:
-        status = await qmp.execute("query-status")
-    except HandshakeError:
-        return None
-    return str(status.get("status")) if isinstance(status, dict) else None
-
-
-async def _resume(qmp: MigrationQMP, was_running: bool) -> str | None:
-    """The source as it was: QEMU resumes a source that was running when the migration failed or was cancelled;
-    give it a moment, then ``cont`` if it is still paused. Returns the run state at the end."""
-    state = await _state(qmp)
-    for _ in range(40):
-        if not was_running or state in ("running", None):
-            break
-        await asyncio.sleep(POLL)
-        state = await _state(qmp)
-    if was_running and state not in ("running", None):
-        with contextlib.suppress(HandshakeError):
-            await qmp.execute("cont")
-        state = await _state(qmp)
-    return state
 
 
 def _near_end(progress: Progress) -> bool:
@@ -119,15 +98,18 @@ async def _until_final(run: _Run, src: MigrationQMP, dst: MigrationQMP, *, deadl
     """Follow the migration to its end (``completed``, ``failed``, ``cancelled``); decide at the switchover."""
     loop = asyncio.get_running_loop()
     while True:
-        progress = progress_of(await src.execute("query-migrate"))
+        reply = await src.execute("query-migrate")
+        progress = progress_of(reply)
         now = loop.time()
         if progress.status != run.phase or now - run.last_progress >= PROGRESS_EVERY:
             run.enter(progress.status)
             run.last_progress = now
             run.emit(progress.event())
         if progress.final:
-            found["error"] = (await src.execute("query-migrate")).get("error-desc")
+            found["error"] = reply.get("error-desc") if isinstance(reply, dict) else None
             return progress.status
+        if now > deadline + 30:  # cancelled at the deadline and still not ended: stop watching
+            return "unknown"
         if now > deadline and "deadline" not in found:
             found["deadline"] = True
             await src.execute("migrate_cancel")
@@ -187,13 +169,16 @@ async def migrate(source: str, dest: str | None = None, uri: str = "", *, lenien
         assert dest is not None
         result = await _migrate(run, source, dest, (uri, dest_uri or uri), verdict, mode=mode, policy=policy,
                                 timeout=timeout, deadline=deadline, check=check)
-        if started is not None and result.ending is Ending.MIGRATED:
-            result = _with(result, dest_pid=started.pid)
-            started.keep()
+        if started is not None:
+            if result.ending is Ending.MIGRATED:
+                started.keep()
+                result = _with(result, dest_pid=started.pid, dest_address=started.address)
+            else:
+                result = _with(result, dest_state="killed (started by this command)")
         return result
     finally:
         if started is not None:
-            await started.close()  # kills it unless kept
+            await asyncio.shield(started.close())  # kills it unless kept
 
 
 def _with(result: MigrationResult, **changes: object) -> MigrationResult:
@@ -211,58 +196,70 @@ def _refused(run: _Run, verdict: Verdict) -> MigrationResult:
 
 async def _start_and_check(run: _Run, source: str, argv: Sequence[str], *, lenient: bool, policy: Policy | None,
                            timeout: float) -> tuple[Destination, Verdict]:
-    """Start the destination from ``argv``; if the precheck is adjustable, start it again with the adjustments."""
+    """Start the destination from ``argv``; if the precheck is adjustable, start it again with the adjustments.
+    Whatever goes wrong (cancellation included), a destination started here is not left behind."""
     started = await start_destination(argv, timeout=max(timeout, 10.0))
-    verdict = await precheck(source, started.address, lenient=lenient, policy=policy, timeout=timeout)
-    if verdict.outcome is Outcome.ADJUSTABLE:
-        run.emit({"event": "adjusting", "adjustments": verdict.adjustments})
-        await started.close()
-        started = await start_destination(argv, timeout=max(timeout, 10.0), adjustments=verdict.adjustments)
+    try:
         verdict = await precheck(source, started.address, lenient=lenient, policy=policy, timeout=timeout)
+        if verdict.outcome is Outcome.ADJUSTABLE:
+            run.emit({"event": "adjusting", "adjustments": verdict.adjustments})
+            await started.close()
+            started = await start_destination(argv, timeout=max(timeout, 10.0), adjustments=verdict.adjustments)
+            verdict = await precheck(source, started.address, lenient=lenient, policy=policy, timeout=timeout)
+    except BaseException:
+        await asyncio.shield(started.close())
+        raise
     return started, verdict
 
 
 async def _migrate(run: _Run, source: str, dest: str, uris: tuple[str, str], before: Verdict, *, mode: Mode,
                    policy: Policy | None, timeout: float, deadline: float, check: bool) -> MigrationResult:
     loop = asyncio.get_running_loop()
-    found: dict[str, object] = {}
+    found: dict[str, object] = {"check": check}
     src = MigrationQMP(parse_address(source), timeout=timeout)
     dst = MigrationQMP(parse_address(dest), timeout=timeout)
-    was_running = False
-    status = "failed"
+    caps: dict[str, dict[str, bool]] = {}
+    was_running, sent, status = False, False, "none"
     try:
-        await asyncio.gather(src.connect(), dst.connect())
-        was_running = await _state(src) == "running"
-        caps = {"capabilities": [{"capability": "return-path", "state": True},
-                                 {"capability": "pause-before-switchover", "state": True}]}
-        run.enter("setup")
-        await asyncio.gather(src.execute("migrate-set-capabilities", caps),
-                             dst.execute("migrate-set-capabilities", caps))
-        await dst.execute("migrate-incoming", {"uri": uris[1]})
-        await src.execute("migrate", {"uri": uris[0]})
-        status = await _until_final(run, src, dst, deadline=loop.time() + deadline, check=check, before=before,
-                                    mode=mode, policy=policy, found=found)
-    except asyncio.CancelledError:
-        found["interrupted"] = True
-        with contextlib.suppress(HandshakeError):
-            await src.execute("migrate_cancel")
-            for _ in range(100):
-                if progress_of(await src.execute("query-migrate")).final:
-                    break
-                await asyncio.sleep(POLL)
-        status = "cancelled"
-    except HandshakeError as err:
-        found["error"] = str(err)
-        with contextlib.suppress(HandshakeError):
-            await src.execute("migrate_cancel")
-    try:
-        return await _conclude(run, src, dst, status, before, found, was_running)
+        try:
+            await asyncio.gather(src.connect(), dst.connect())
+            problem = await steps.ready(src, dst)
+            if problem is not None:
+                run.enter("refused")
+                return MigrationResult(Ending.REFUSED, f"not migrated: {problem}", before,
+                                       source_state=await steps.run_state(src), dest_state=await steps.run_state(dst),
+                                       events=run.events)
+            was_running = await steps.run_state(src) == "running"
+            run.enter("setup")
+            caps = {"source": await steps.capabilities(src), "dest": await steps.capabilities(dst)}
+            turn_on = {"capabilities": [{"capability": c, "state": True} for c in steps.CAPABILITIES]}
+            await asyncio.gather(src.execute("migrate-set-capabilities", turn_on),
+                                 dst.execute("migrate-set-capabilities", turn_on))
+            await dst.execute("migrate-incoming", {"uri": uris[1]})
+            await src.execute("migrate", {"uri": uris[0]})
+            sent = True
+            status = await _until_final(run, src, dst, deadline=loop.time() + deadline, check=check,
+                                        before=before, mode=mode, policy=policy, found=found)
+        except (asyncio.CancelledError, Exception) as err:  # whatever it is, the migration must end properly
+            if isinstance(err, asyncio.CancelledError):
+                found["interrupted"] = True
+            else:
+                found["error"] = str(err) if isinstance(err, HandshakeError) else f"{type(err).__name__}: {err}"
+            status = await asyncio.shield(steps.settle(src, bound=timeout + 10)) if sent else "none"
+        return await asyncio.shield(_conclude(run, src, dst, status, before, found, was_running=was_running,
+                                              sent=sent))
     finally:
-        await asyncio.gather(src.close(), dst.close())
+        await asyncio.shield(_close(src, dst, caps))
+
+
+async def _close(src: MigrationQMP, dst: MigrationQMP, caps: dict[str, dict[str, bool]]) -> None:
+    """Put the capabilities back on both sides (the destination that now runs the VM too), then disconnect."""
+    await asyncio.gather(steps.restore(src, caps.get("source", {})), steps.restore(dst, caps.get("dest", {})))
+    await asyncio.gather(src.close(), dst.close())
 
 
 async def _conclude(run: _Run, src: MigrationQMP, dst: MigrationQMP, status: str, before: Verdict,
-                    found: dict[str, object], was_running: bool) -> MigrationResult:
+                    found: dict[str, object], *, was_running: bool, sent: bool) -> MigrationResult:
     verdict = found.get("recheck")
     rechecked = verdict if isinstance(verdict, Verdict) else None
     seen = found.get("changed")
@@ -274,30 +271,30 @@ async def _conclude(run: _Run, src: MigrationQMP, dst: MigrationQMP, status: str
             after = await probe_vm(dst, host=socket.gethostname(), side="dest")
             differences = offered_differences(offered, after) if offered is not None else ("the source's report "
                                                                                           "is missing",)
-        except ProbeError as err:
+        except HandshakeError as err:
             differences = (f"the destination could not be read after the migration: {err}",)
         run.enter("verified" if not differences else "verify-failed")
-        result = MigrationResult(Ending.MIGRATED, "migrated" + ("; the destination offers what the source offered"
-                                                                if not differences else
-                                                                "; but the destination's features differ"),
-                                 before, rechecked, changed, differences, await _state(src), await _state(dst),
-                                 events=run.events)
-        run.emit({"event": "result", "ending": result.ending.value})
-        return result
-    source_state = await _resume(src, was_running)
+        why = "migrated" + ("; the destination offers what the source offered" if not differences else
+                            "; but the destination's features differ (the VM runs on the destination)")
+        if found.get("interrupted"):
+            why += "; an interruption came after the switchover: the migration had completed"
+        return MigrationResult(Ending.MIGRATED, why, before, rechecked, changed, differences,
+                               await steps.run_state(src), await steps.run_state(dst), events=run.events)
+    source_state = await steps.resume(src, was_running=was_running, status=status)
     if found.get("interrupted"):
         ending, why = Ending.CANCELLED, "cancelled by the operator"
-    elif rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE and status == "cancelled":
+    elif rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE and status == "cancelled" \
+            and found.get("check"):
         ending, why = Ending.CANCELLED, (f"cancelled at the switchover: the decision there is {rechecked.verdict}"
                                          + (f" ({'; '.join(changed)})" if changed else ""))
     elif found.get("deadline"):
         ending, why = Ending.FAILED, "cancelled: the migration did not end before the deadline"
     else:
         ending, why = Ending.FAILED, f"the migration {status}: {found.get('error') or 'no reason given'}"
-        if rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE:
+        if rechecked is not None and rechecked.outcome is not Outcome.COMPATIBLE and not found.get("check"):
             why += f" (the decision at the switchover was {rechecked.verdict}, not acted on: re-check disabled)"
+    if status == "unknown":
+        why += "; QEMU did not say how the migration ended: check the source before acting"
     run.enter(ending.value)
-    result = MigrationResult(ending, f"{why}; source {source_state or 'gone'}", before, rechecked, changed, None,
-                             source_state, await _state(dst), events=run.events)
-    run.emit({"event": "result", "ending": result.ending.value})
-    return result
+    return MigrationResult(ending, f"{why}; source {source_state or 'gone'}", before, rechecked, changed, None,
+                           source_state, await steps.run_state(dst), events=run.events)

@@ -61,6 +61,7 @@ HMP_READ_ONLY = frozenset({"info network"})
 MIGRATION_COMMANDS = frozenset({
     "query-status",  # the run state: running, paused, inmigrate, finish-migrate, postmigrate
     "query-migrate",  # status and RAM progress
+    "query-migrate-capabilities",  # to put return-path and pause-before-switchover back as they were
     "migrate-set-capabilities",  # return-path, pause-before-switchover (both sides, before the migration)
     "migrate-incoming",  # start listening on a destination started with -incoming defer
     "migrate",  # start the migration on the source

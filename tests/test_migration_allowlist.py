@@ -49,4 +49,17 @@ def test_only_migrate_uses_the_migration_client() -> None:
             a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         if "MigrationQMP" in names and path.name != "qmp.py":
             users.append(path.name)
-    assert users == ["migrate.py"], users
+    assert users == ["migrate.py", "migrate_steps.py"], users
+
+
+async def test_a_handshake_answer_sends_no_migration_command(serve, fakes) -> None:  # type: ignore[no-untyped-def]
+    import secrets
+    import time
+
+    from qemu_offload_handshake.answering import Destination, answer_offer
+    from qemu_offload_handshake.api import probe
+    from qemu_offload_handshake.core.exchange import Offer
+    source, dest = await serve(), await serve()
+    offer = Offer(await probe(source), secrets.token_bytes(16), time.time_ns() // 1_000_000, dest_address=dest)
+    assert (await answer_offer(offer, Destination(qemu=None))).outcome.value == "compatible"
+    assert fakes[1].received and not set(fakes[1].received) & MIGRATION_COMMANDS, fakes[1].received

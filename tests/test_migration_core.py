@@ -9,6 +9,7 @@ from test_decide import NEGOTIATED, OFFERED, USO, nic, vm
 
 from qemu_offload_handshake.core.decide import Mode, decide
 from qemu_offload_handshake.core.migration import (
+    EXIT_DIFFERS,
     EXIT_FAILED,
     Ending,
     MigrationResult,
@@ -73,8 +74,11 @@ def test_exit_codes() -> None:
     ok = decide(vm(nic()), vm(nic()))
     blocked = decide(vm(nic()), vm(nic(OFFERED & ~USO)))
     assert MigrationResult(Ending.MIGRATED, "", ok, differences=()).exit_code == 0
-    assert MigrationResult(Ending.MIGRATED, "", ok, differences=("x",)).exit_code == EXIT_FAILED
+    assert MigrationResult(Ending.MIGRATED, "", ok, differences=("x",)).exit_code == EXIT_DIFFERS
     assert MigrationResult(Ending.REFUSED, "", blocked).exit_code == 1
+    assert MigrationResult(Ending.REFUSED, "", ok).exit_code == 2  # compatible, but not waiting / already migrating
     assert MigrationResult(Ending.CANCELLED, "", ok, recheck=blocked).exit_code == 1
+    unknown = decide(vm(nic()), vm(replace(nic(), offered=None)))
+    assert MigrationResult(Ending.CANCELLED, "", ok, recheck=unknown).exit_code == 4
     assert MigrationResult(Ending.CANCELLED, "", ok).exit_code == EXIT_FAILED  # by the operator
     assert MigrationResult(Ending.FAILED, "", ok, recheck=blocked).exit_code == EXIT_FAILED  # not acted on

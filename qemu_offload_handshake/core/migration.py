@@ -23,6 +23,7 @@ from .policy import Policy
 from .verdict import Outcome, Verdict
 
 __all__ = [
+    "EXIT_DIFFERS",
     "EXIT_FAILED",
     "Ending",
     "MigrationResult",
@@ -33,7 +34,9 @@ __all__ = [
     "recheck",
 ]
 
-EXIT_FAILED = 5  # the migration was started and did not complete (the source runs on)
+EXIT_FAILED = 5  # the migration was started and did not complete (the source is as it was)
+EXIT_DIFFERS = 6  # migrated (the VM runs on the destination), but the destination offers other features
+_EXITS = {Outcome.BLOCKED: 1, Outcome.ADJUSTABLE: 3, Outcome.UNKNOWN: 4}
 _FINAL = ("completed", "failed", "cancelled")
 
 
@@ -180,16 +183,17 @@ class MigrationResult:
     source_state: str | None = None  # run states at the end ("running", "paused", "postmigrate", None: gone)
     dest_state: str | None = None
     add_to_dest: tuple[str, ...] = ()  # refused as adjustable: what to add to the destination's command line
-    dest_pid: int | None = None  # a destination this command started (--dest-argv)
+    dest_pid: int | None = None  # a destination this command started (--dest-argv) that now runs the VM
+    dest_address: str | None = None  # its QMP address
     events: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         if self.ending is Ending.MIGRATED:
-            return 0 if not self.differences else EXIT_FAILED
-        if self.ending is Ending.REFUSED:
-            return {Outcome.BLOCKED: 1, Outcome.ADJUSTABLE: 3, Outcome.UNKNOWN: 4}.get(self.precheck.outcome, 4)
+            return 0 if not self.differences else EXIT_DIFFERS
+        if self.ending is Ending.REFUSED:  # compatible, yet not a pair that can migrate now: a setup problem
+            return _EXITS.get(self.precheck.outcome, 2)
         if self.ending is Ending.CANCELLED and self.recheck is not None \
                 and self.recheck.outcome is not Outcome.COMPATIBLE:
-            return 1  # the re-check blocked it
+            return _EXITS[self.recheck.outcome]  # the decision at the switchover stopped it
         return EXIT_FAILED
