@@ -1,5 +1,5 @@
 """``python -m qemu_offload_handshake``: precheck, probe, decode, check, adjust-argv, dump-host, baseline,
-check-host, handshake, answer, serve, migrate, demo.
+check-host, handshake, answer, serve, migrate, install-libvirt-hook, demo.
 
 Exit codes: 0 compatible, 1 blocked, 2 usage error (bad arguments, address, policy or input file),
 3 adjustable, 4 unknown (a QEMU could not be read).
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import cli_cluster, cli_handshake, cli_migrate
+from . import cli_cluster, cli_handshake, cli_libvirt, cli_migrate
 from .api import precheck, probe
 from .core.argv import apply_adjustments, check_adjustments
 from .core.decide import Mode, Verdict, decide, different_vms, report_warnings, with_warnings
@@ -183,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_cluster.add_parsers(sub, _host, _timeout)
     cli_handshake.add_parsers(sub, _host, _timeout, _decision_args)
     cli_migrate.add_parser(sub, _timeout, _decision_args)
+    cli_libvirt.add_parsers(sub)
     sub.add_parser("demo", help="start local QEMU pairs and show compatible, adjustable and blocked cases")
     return parser
 
@@ -267,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
         return _print_verdict(verdict, args.json)
     if args.command in cli_cluster.COMMANDS:
         return cli_cluster.run(args)
+    if args.command in cli_libvirt.COMMANDS:
+        return cli_libvirt.run(args)
     if args.command == "migrate":
         return cli_migrate.run(args, policy=_policy)
     if args.command in cli_handshake.COMMANDS:
