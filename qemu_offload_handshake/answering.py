@@ -28,7 +28,7 @@ import re
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .api import probe
+from .api import check_address, probe
 from .core.conclude import answer_from
 from .core.errors import HandshakeError, MachineTypeError, ScratchError, UsageError
 from .core.exchange import Answer, Offer, Truth
@@ -76,12 +76,16 @@ class Destination:
         """Why this host does not probe the incoming QEMU the offer names (None: it does): not a QMP address, or
         outside ``allow_dest``. A unix path is compared once made absolute and free of symbolic links."""
         try:
-            target = parse_address(address)
+            check_address(address)
         except UsageError as err:
             return str(err)
         if not self.allow_dest:
             return None
-        normal = describe(target if isinstance(target, tuple) else os.path.realpath(target))
+        if address.startswith("libvirt:"):
+            normal = address
+        else:
+            target = parse_address(address)
+            normal = describe(target if isinstance(target, tuple) else os.path.realpath(target))
         if any(normal.startswith(prefix) for prefix in self.allow_dest):
             return None
         return f"{clip(address, 200)} is not under an address this destination probes ({', '.join(self.allow_dest)})"

@@ -33,9 +33,29 @@ async def probe(address: str, *, timeout: float = 5.0, host: str | None = None,
                 side: str | None = None) -> VmReport:
     """One side's report, read over QMP with read-only commands; ``ProbeError`` if QEMU cannot be read at all.
     ``side`` ("source" or "dest") is recorded in the report when given."""
+    qmp, where = client(address, timeout)
+    async with qmp:
+        return await probe_vm(qmp, host=host or where, side=side)
+
+
+def client(address: str, timeout: float) -> tuple[ReadOnlyQMP, str]:
+    """The read-only client for an address (``libvirt:DOMAIN`` goes through libvirt's QMP passthrough,
+    ``qmp_libvirt``), and the address in words."""
+    if address.startswith("libvirt:"):
+        from .qmp_libvirt import LibvirtQMP, parse_libvirt
+        domain, uri = parse_libvirt(address)
+        return LibvirtQMP(domain, uri=uri, timeout=timeout), address
     target = parse_address(address)
-    async with ReadOnlyQMP(target, timeout=timeout) as qmp:
-        return await probe_vm(qmp, host=host or describe(target), side=side)
+    return ReadOnlyQMP(target, timeout=timeout), describe(target)
+
+
+def check_address(address: str) -> None:
+    """``UsageError`` for an address that is none of ``unix:/path``, a path, ``tcp:HOST:PORT``, ``libvirt:DOMAIN``."""
+    if isinstance(address, str) and address.startswith("libvirt:"):
+        from .qmp_libvirt import parse_libvirt
+        parse_libvirt(address)
+    else:
+        parse_address(address)
 
 
 async def _side(address: str, name: str, timeout: float) -> tuple[VmReport | None, str | None]:
@@ -58,9 +78,9 @@ async def precheck(source: str, dest: str | None = None, *, dest_dump: HostDump 
     predicted facts (``Verdict.predicted``) and the dump (``Verdict.predicted_from``)."""
     if (dest is None) == (dest_dump is None):
         raise UsageError("give either dest (a QMP address) or dest_dump (a host dump), not both or neither")
-    parse_address(source)
+    check_address(source)
     if dest is not None:
-        parse_address(dest)
+        check_address(dest)
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise UsageError(f"timeout must be a positive number of seconds, not {timeout!r}")
     mode = Mode.LENIENT if lenient else Mode.STRICT
@@ -103,12 +123,12 @@ async def handshake(source: str, *, agent: str | None = None, ssl_context: ssl.S
 
     if (agent is None) == (ssh is None):
         raise UsageError("give either agent (HOST:PORT) or ssh (a destination for ssh), not both or neither")
-    parse_address(source)
+    check_address(source)
     target = parse_hostport(agent, "agent") if agent is not None else None
     if ssh is not None:
         check_ssh_destination(ssh)
     if dest is not None:  # checked here, used there: it is the destination host's address
-        parse_address(dest)
+        check_address(dest)
         try:
             Prepare(bytes(16), dest)
         except ValueError as err:

@@ -269,7 +269,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in cli_cluster.COMMANDS:
         return cli_cluster.run(args)
     if args.command in cli_libvirt.COMMANDS:
-        return cli_libvirt.run(args)
+        return cli_libvirt.run(args, key=_key)
     if args.command == "migrate":
         return cli_migrate.run(args, policy=_policy)
     if args.command in cli_handshake.COMMANDS:

@@ -18,12 +18,18 @@ from .core.errors import UsageError
 
 __all__ = ["COMMANDS", "add_parsers", "hook_script", "run"]
 
-COMMANDS = ("install-libvirt-hook",)
+COMMANDS = ("install-libvirt-hook", "libvirt-annotate")
 HOOK_NAME = "qemu-offload-handshake"
 MARK = "# qemu-offload-handshake: libvirt qemu hook"
 
 
 def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("libvirt-annotate", help="probe a libvirt domain (read-only, through libvirt) and store its "
+                                                "report in the domain's metadata, for the destination's hook")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--connect", default="qemu:///system", metavar="URI", help="libvirt connection URI")
+    p.add_argument("--key-file", metavar="FILE", help="sign the report with HMAC-SHA256 using this key")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="timeout of each QMP call (default 5)")
     p = sub.add_parser("install-libvirt-hook", help="install the migrate hook for libvirt on this (destination) host")
     p.add_argument("--hooks-dir", default="/etc/libvirt/hooks", metavar="DIR",
                    help="libvirt's hook folder (default /etc/libvirt/hooks; the script goes in DIR/qemu.d/)")
@@ -49,7 +55,15 @@ def _toml(values: dict[str, object]) -> str:
     return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())  # JSON strings and bools are TOML
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, key: Any = None) -> int:
+    if args.command == "libvirt-annotate":
+        import asyncio
+
+        from .qmp_libvirt import annotate
+        data = asyncio.run(annotate(args.domain, uri=args.connect, key=key(args) if key else None,
+                                    timeout=args.timeout))
+        print(f"stored a report of {len(data)} bytes in the metadata of {args.domain}")
+        return 0
     folder = Path(args.hooks_dir) / "qemu.d"
     script, config = folder / HOOK_NAME, Path(args.config)
     if args.uninstall:

@@ -181,6 +181,10 @@ class ReadOnlyQMP:
             line = (arguments or {}).get("command-line")
             raise CommandNotAllowedError(f"human-monitor-command {line!r} is not in the read-only list; not sent")
         self.sent.append(command)
+        return await self._send(command, arguments)
+
+    async def _send(self, command: str, arguments: Mapping[str, object] | None) -> Any:
+        """Send one command that ``execute`` allowed (a transport over something else overrides only this)."""
         where = describe(self.address)
         try:
             return await asyncio.wait_for(

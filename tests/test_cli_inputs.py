@@ -268,3 +268,14 @@ def test_handshake_arguments_that_cannot_work(args: list[str], named: str,
 ])
 def test_agent_arguments_that_cannot_work(args: list[str], named: str) -> None:
     assert named in usage_error(*args)
+
+
+@pytest.mark.parametrize(("address", "named"), [
+    ("libvirt:", "libvirt:DOMAIN (a domain name or UUID)"),
+    ("libvirt:vm1?x=1", "only ?uri=CONNECTION-URI may follow the domain"),
+    ("libvirt:vm 1", "libvirt:DOMAIN"),
+])
+def test_bad_libvirt_addresses(address: str, named: str, listener: tuple[str, socket.socket]) -> None:
+    path, sock = listener
+    assert named in usage_error("precheck", "--source", address, "--dest", path)
+    assert_not_probed(sock)
