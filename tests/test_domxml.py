@@ -37,6 +37,8 @@ def test_the_facts_of_an_incoming_domain() -> None:
         "vm1", "6f1f2c1e-1111-4a4a-9b9b-000000000001", "pc-q35-10.0", None)
     assert [(n.alias, n.type, n.kind, n.vhost) for n in facts.nics] == [
         ("net0", "ethernet", "tap", False), ("net1", "user", "user", None), ("net3", "bridge", "tap", None)]
+    bare = domain_facts(DOMAIN.replace("<alias name='net0'/>", "").replace("<alias name='net3'/>", ""))
+    assert [n.alias for n in bare.nics] == ["net0", "net1", "net3"]  # libvirt's names by position
     assert facts.overrides == {"net1": {"csum": "false"}}
 
 

@@ -38,7 +38,7 @@ MAX_XML = 4 << 20
 
 @dataclass(frozen=True, slots=True)
 class DomainNic:
-    alias: str | None  # the QEMU device id (present in a running or migrating domain's XML)
+    alias: str  # the QEMU device id: <alias name=...>, else libvirt's net<N> by position
     mac: str | None
     type: str  # libvirt's interface type: ethernet, bridge, network, user, vhostuser, ...
     kind: str | None  # tap or user; None: a backend a scratch QEMU cannot make
@@ -76,7 +76,7 @@ def domain_facts(xml: str) -> DomainFacts:
         raise UsageError("the domain XML has no <name>")
     machine = root.find("os/type")
     nics = []
-    for iface in root.findall("devices/interface"):
+    for index, iface in enumerate(root.findall("devices/interface")):
         model = iface.find("model")
         model_type = model.get("type") if model is not None else None
         if model_type != "virtio":
@@ -85,7 +85,9 @@ def domain_facts(xml: str) -> DomainFacts:
         driver = iface.find("driver")
         driver_name = driver.get("name") if driver is not None else None
         alias, mac = iface.find("alias"), iface.find("mac")
-        nics.append(DomainNic(alias.get("name") if alias is not None else None,
+        # The incoming XML a hook gets has no <alias>: libvirt names interfaces net0, net1, ... in document order
+        # (qemuAssignDeviceNetAlias, src/qemu/qemu_alias.c; seen on 11.3), unless the user gave a "ua-" alias.
+        nics.append(DomainNic((alias.get("name") if alias is not None else None) or f"net{index}",
                               mac.get("address") if mac is not None else None, kind, _KINDS.get(kind), model_type,
                               {"vhost": True, "qemu": False}.get(driver_name or "")))
     report = None
