@@ -24,7 +24,7 @@ import contextlib
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote
 
 from .core.errors import CommandError, ConnectError, ProbeError, QMPTimeoutError, UsageError
 from .qmp import ReadOnlyQMP
@@ -40,11 +40,10 @@ def parse_libvirt(address: str) -> tuple[str, str]:
     rest = address[len(PREFIX):]
     domain, _, query = rest.partition("?")
     uri = DEFAULT_URI
-    if query:
-        values = parse_qs(query, strict_parsing=False)
-        if set(values) - {"uri"} or len(values.get("uri", [])) != 1:
+    if query:  # the URI as it is (a '+' stays a '+': qemu+ssh://; it may have a query of its own: ?socket=)
+        if not query.startswith("uri=") or len(query) == 4:
             raise UsageError(f"QMP address {address!r}: only ?uri=CONNECTION-URI may follow the domain")
-        uri = values["uri"][0]
+        uri = unquote(query[4:])
     if not domain or any(c.isspace() for c in domain):
         raise UsageError(f"QMP address {address!r}: libvirt:DOMAIN (a domain name or UUID)")
     return domain, uri

@@ -113,6 +113,67 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 [ -x /usr/sbin/sshd ] || die "/usr/sbin/sshd is missing after installing openssh-server"
 
+# --- 2c. libvirt 11.3 for the libvirt tests (the lab runs its own daemons in namespaces: lab/libvirt.py) -----
+# Debian 13's libvirt: bookworm-backports per package on Debian 12 (pkg/suite, not -t, which would raise every
+# backports package, systemd with it), trixie itself on Debian 13. --no-install-recommends: no network, nwfilter or
+# storage drivers, no dnsmasq. Installed only: a policy-rc.d that refuses every start guards the install (ours only if
+# the machine has none, removed afterwards), the boot-time services the packages enable are disabled again when
+# this install put them there, and a host-wide libvirtd/virtlogd that appears during the install is stopped.
+LIBVIRT_PKGS=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev)
+libvirt_ok() {
+  local p
+  for p in "${LIBVIRT_PKGS[@]}"; do
+    have_pkg "$p" || return 1
+    case "$(dpkg-query -W -f='${Version}' "$p")" in 11.3.*|11.[4-9].*|1[2-9].*) ;; *) return 1 ;; esac
+  done
+}
+host_libvirtds() { # pids of libvirtd/virtlogd that are not the lab's (the lab's: -p <folder>/libvirtd.pid, in a netns)
+  local p exe
+  for p in /proc/[0-9]*; do
+    exe=$(readlink "$p/exe" 2>/dev/null || true)
+    case "$exe" in /usr/sbin/libvirtd|/usr/sbin/virtlogd|/usr/sbin/virtlockd) ;; *) continue ;; esac
+    tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q 'qoh-libvirt-' && continue
+    [ "$(readlink "$p/ns/net" 2>/dev/null)" = "$(readlink /proc/self/ns/net)" ] || continue
+    printf '%s\n' "${p#/proc/}"
+  done
+}
+if ! libvirt_ok; then
+  apt_update
+  case "${VERSION_CODENAME:-}" in
+    bookworm) lv_args=(); for p in "${LIBVIRT_PKGS[@]}"; do lv_args+=("$p/bookworm-backports"); done ;;
+    *) lv_args=("${LIBVIRT_PKGS[@]}") ;;
+  esac
+  before=$(host_libvirtds | sort)
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# scripts/setup.sh: no service starts while it installs packages\nexit 101\n' \
+      > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  daemon_new=0
+  have_pkg libvirt-daemon || daemon_new=1
+  log "installing ${lv_args[*]} (no libvirt service is started or enabled)"
+  apt-get install -y -q --no-install-recommends "${lv_args[@]}" >/dev/null
+  if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
+  if [ "$daemon_new" = 1 ]; then # the packages enable libvirtd/virtlogd at boot: undo that (no systemd needed)
+    if command -v systemctl >/dev/null; then
+      systemctl disable --quiet libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket \
+        virtlogd.service virtlogd.socket virtlogd-admin.socket libvirt-guests.service 2>/dev/null || true
+    elif command -v update-rc.d >/dev/null; then
+      for s in libvirtd virtlogd libvirt-guests; do update-rc.d "$s" disable >/dev/null 2>&1 || true; done
+    fi
+  fi
+  for pid in $(comm -13 <(printf '%s\n' "$before") <(host_libvirtds | sort)); do
+    log "stopping the host-wide $(cat "/proc/$pid/comm" 2>/dev/null) $pid the install started"
+    kill "$pid" 2>/dev/null || true
+  done
+  libvirt_ok || die "libvirt >= 11.3 is not installed after installing ${lv_args[*]}"
+fi
+[ -x /usr/sbin/libvirtd ] && [ -x /usr/bin/virsh ] || die "libvirtd or virsh is missing"
+for p in pkg-config; do have_pkg "$p" || { apt_update; log "installing $p"; apt-get install -y -q "$p" >/dev/null; }; done
+
 # --- 3. QEMU 7.2 unpacked beside the system's QEMU ------------------------------------------------------
 Q72=$CACHE/qemu-7.2
 if [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ] || [ ! -e "$Q72/.complete" ]; then
@@ -212,13 +273,16 @@ VENV=$ROOT/.venv
 stamp=$VENV/.qoh-installed
 installed_at() { (cd / && "$VENV/bin/python" -c 'import qemu_offload_handshake as q; print(q.__file__)' 2>/dev/null) || true; }
 if [ ! -x "$VENV/bin/python" ] || [ ! -e "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] \
-   || [ "$(installed_at)" != "$ROOT/qemu_offload_handshake/__init__.py" ]; then
+   || [ "$(installed_at)" != "$ROOT/qemu_offload_handshake/__init__.py" ] \
+   || ! "$VENV/bin/python" -c 'import libvirt' 2>/dev/null; then
   log "creating $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" > "$CACHE/pip.log" 2>&1 \
+  # libvirt-python is pinned to the daemon's version (11.3, section 2c) and built from its sdist (~8 s)
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,libvirt]" "libvirt-python==11.3.0" > "$CACHE/pip.log" 2>&1 \
     || { cat "$CACHE/pip.log" >&2; die "pip install failed (log above)"; }
   touch "$stamp"
 fi
+"$VENV/bin/python" -c 'import libvirt' 2>/dev/null || die "the venv cannot import libvirt (libvirt-python)"
 log "ready: $(qemu-system-x86_64 --version | head -n 1); QEMU 7.2 in $Q72; $(head -n 1 "$Q111/.complete" | sed 's/emulator version //') in $Q111;" \
     "guest kernel $(cat "$GUEST/kernel-version")"

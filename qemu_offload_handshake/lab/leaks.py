@@ -1,5 +1,5 @@
-"""Leftovers of lab runs (QEMUs, the lab's sshds and what runs under them, test agents, taps, folders): whose they
-are, which are stale, and cleaning them."""
+"""Leftovers of lab runs (QEMUs, the lab's sshds and what runs under them, test agents, the libvirt hosts' daemons
+and QEMUs, taps and network namespaces, folders): whose they are, which are stale, and cleaning them."""
 
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ _SSHD_OWNER = re.compile(rb"/" + re.escape(SSHD_PREFIX.encode()) + rb"(\d+)-")  
 _PATH_OWNER = re.compile(rb"/qoh-[a-z]+-(\d+)-")  # any lab/test folder in a command line
 _SSHD_ARG0 = re.compile(rb"(?:\S*/)?sshd(?::|\s|$)")  # /usr/sbin/sshd, and "sshd: ..." once it set its title
 _AGENT_NAMES = (b"qemu_offload_handshake", b"qemu-offload-handshake")  # -m qemu_offload_handshake, the script
+# libvirt hosts (libvirt.py): a folder qoh-libvirt-<owner pid>-XXXX named on the command line of their reaper, their
+# libvirtd (-p FOLDER/libvirtd.pid) and their QEMUs (serial log in FOLDER); network namespaces qohlv<owner pid>A/B,
+# listed with the taps as "netns:<name>"
+LIBVIRT_PREFIX = "qoh-libvirt-"
+NETNS_PREFIX = "qohlv"
+NETNS_TAG = "netns:"
+_LIBVIRT_OWNER = re.compile(rb"/" + re.escape(LIBVIRT_PREFIX.encode()) + rb"(\d+)-")
+_NETNS_OWNER = re.compile(rf"{re.escape(NETNS_TAG + NETNS_PREFIX)}(\d+)[AB]")
+_LIBVIRT_TOOLS = (b"virsh", b"nsenter")  # short-lived clients whose arguments name a host's folder: not the host's
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,8 @@ class LabProcess:
     per connection: sshd re-titles it and makes it a session leader, so only its parent or its stderr, the lab
     sshd's log, tell); ``under sshd`` (what a connection runs, e.g. the command ssh asked for); ``agent`` (``python
     -m qemu_offload_handshake serve`` / ``qemu-offload-handshake serve`` whose command line names a lab/test folder,
-    or that a live process other than init started). ``owner``: the pid the names give (None: they give none)."""
+    or that a live process other than init started); ``libvirt`` (a lab libvirt host's reaper, libvirtd or QEMU:
+    its command line names the host's folder). ``owner``: the pid the names give (None: they give none)."""
 
     kind: str
     owner: int | None
@@ -170,7 +180,10 @@ def lab_processes(procs: Mapping[int, tuple[int, bytes]] | None = None) -> dict[
         if pid in found:
             continue
         args = cmdline.split(b"\0")
-        if _SSHD_ARG0.match(args[0]):
+        libvirt = _LIBVIRT_OWNER.search(cmdline)
+        if libvirt and os.path.basename(args[0]) not in _LIBVIRT_TOOLS:
+            found[pid] = LabProcess("libvirt", int(libvirt.group(1)), ppid)
+        elif _SSHD_ARG0.match(args[0]):
             m = _SSHD_OWNER.search(cmdline)
             if m:
                 named.add(pid)
@@ -214,6 +227,8 @@ def _stale(pid: int, labs: Mapping[int, LabProcess], procs: Mapping[int, object]
             return _orphaned(lab.owner, lab.ppid, procs)
         if lab.kind == "agent":
             return lab.owner is not None and (lab.owner not in procs or lab.ppid == 1)
+        if lab.kind == "libvirt":
+            return lab.owner not in procs
         if lab.owner not in procs or lab.ppid not in labs:
             return True
         pid = lab.ppid
@@ -221,7 +236,10 @@ def _stale(pid: int, labs: Mapping[int, LabProcess], procs: Mapping[int, object]
 
 
 def _tap_owner(tap: str) -> int | None:
-    """A lab tap's owner as its name gives it: the owner's pid modulo 100000."""
+    """A lab tap's (or a libvirt host's netns') owner as its name gives it: the owner's pid modulo 100000."""
+    n = _NETNS_OWNER.fullmatch(tap)
+    if n:
+        return int(n.group(1)) % 100000
     m = _TAP_OWNER.fullmatch(tap)
     return int(m.group(1)) if m else None
 
@@ -253,6 +271,9 @@ def leftovers() -> Leftovers:
     pids = sorted(lab_processes())
     taps = sorted(p.name for p in Path("/sys/class/net").iterdir()
                   if p.name.startswith(TAP_PREFIX) and (p / "tun_flags").exists())
+    with contextlib.suppress(OSError):
+        taps += sorted(NETNS_TAG + p.name for p in Path("/run/netns").iterdir()
+                       if _NETNS_OWNER.fullmatch(NETNS_TAG + p.name))
     dirs = sorted(str(p) for p in Path(tempfile.gettempdir()).glob("qoh-*"))
     return pids, taps, dirs
 
@@ -336,6 +357,11 @@ def clean(items: Leftovers) -> list[str]:
         done.append(f"{_describe(pid, labs[pid]) if pid in labs else pid} still alive 10 s after SIGKILL")
     for tap in taps:
         try:
+            if tap.startswith(NETNS_TAG):
+                _kill_netns(tap[len(NETNS_TAG):])
+                ip("netns", "del", tap[len(NETNS_TAG):])
+                done.append(f"deleted network namespace {tap[len(NETNS_TAG):]}")
+                continue
             ip("link", "del", tap)
             done.append(f"deleted tap {tap}")
         except LabError as err:
@@ -344,6 +370,16 @@ def clean(items: Leftovers) -> list[str]:
         shutil.rmtree(d, ignore_errors=True)
         done.append(f"removed folder {d}" if not os.path.exists(d) else f"could not remove folder {d}")
     return done
+
+
+def _kill_netns(name: str) -> None:
+    """Kill what still runs in a network namespace (a lab libvirt host's leftovers) and wait until it is gone."""
+    import subprocess
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=False)
+    pids = [p for pid in out.stdout.split() if pid.isdigit() for p in kill_tree(int(pid))]
+    deadline = time.monotonic() + 10
+    while still_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def clean_stale() -> list[str]:
