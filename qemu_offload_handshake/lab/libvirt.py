@@ -11,8 +11,8 @@ wrapper starting QEMU with the no-USO shim (its QEMUs, and the hook's scratch QE
 libvirtd runs under a small child subreaper (``reaper.py``): libvirt daemonizes QEMU, and this machine's init
 reaps late, which costs every ``virsh destroy`` and migration ~2 s otherwise. Everything the hosts start names
 their folder ``/tmp/qoh-libvirt-<pid>-XXXX`` on its command line, and the netns are ``qohlv<pid>A``/``B``: the
-lab's leak checks (``leaks.py``) find and clean what a dead run left. See /tmp/libvirt-research/FINDINGS.md for
-the measurements behind each setting."""
+lab's leak checks (``leaks.py``) find and clean what a dead run left. The facts behind each setting are in the
+README's test section."""
 
 from __future__ import annotations
 
