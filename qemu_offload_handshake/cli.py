@@ -271,7 +271,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in cli_libvirt.COMMANDS:
         return cli_libvirt.run(args, key=_key)
     if args.command == "migrate":
-        return cli_migrate.run(args, policy=_policy)
+        return cli_migrate.run(args, policy=_policy, key=_key)
     if args.command in cli_handshake.COMMANDS:
         return cli_handshake.run(args, policy=_policy, print_verdict=_print_verdict, read_dump=cli_cluster.read_dump,
                                  key=_key)

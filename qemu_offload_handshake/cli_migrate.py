@@ -30,8 +30,13 @@ def add_parser(sub: Any, timeout: Callable[[str], float],
                                        "never left paused")
     p.add_argument("--source", required=True, metavar="ADDR", help="the source QEMU's QMP address")
     p.add_argument("--dest", metavar="ADDR", help="the destination's QMP address (started with -incoming defer)")
-    p.add_argument("--uri", required=True, metavar="URI", help="QEMU's migration URI: unix:/path or tcp:HOST:PORT "
-                                                               "(the destination listens there)")
+    p.add_argument("--uri", metavar="URI", help="QEMU's migration URI: unix:/path or tcp:HOST:PORT (the destination "
+                                                "listens there); with --libvirt-dest: where the stream goes, if not "
+                                                "libvirt's choice")
+    p.add_argument("--libvirt-dest", metavar="URI", help="with --source libvirt:DOMAIN: annotate the domain and "
+                                                         "migrate it live through libvirt to this libvirt (its hook "
+                                                         "decides)")
+    p.add_argument("--key-file", metavar="FILE", help="with --libvirt-dest: sign the report with this key")
     p.add_argument("--dest-uri", metavar="URI", help="where the destination listens, if the source reaches it at "
                                                      "another address (default: --uri)")
     p.add_argument("--timeout", type=timeout, default=5.0, metavar="S", help="timeout of each QMP call (default 5)")
@@ -75,8 +80,14 @@ def _text(result: MigrationResult) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace, *, policy: Any) -> int:
+def run(args: argparse.Namespace, *, policy: Any, key: Any = None) -> int:
     from .migrate import migrate
+    if args.source.startswith("libvirt:") or args.libvirt_dest:
+        if not (args.source.startswith("libvirt:") and args.libvirt_dest) or args.dest or args.dest_argv:
+            raise UsageError("through libvirt: --source libvirt:DOMAIN[?uri=URI] --libvirt-dest URI (no --dest, "
+                             "no --dest-argv)")
+    elif not args.uri:
+        raise UsageError("give --uri (QEMU's migration URI, e.g. unix:/run/m.sock or tcp:HOST:PORT)")
     argv = args.qemu_argv[1:] if args.qemu_argv[:1] == ["--"] else args.qemu_argv
     if args.dest_argv != bool(argv) or (args.dest_argv and args.dest):
         raise UsageError("give --dest ADDR, or --dest-argv -- QEMU-ARGV... (the destination's command line)")
@@ -94,10 +105,16 @@ def run(args: argparse.Namespace, *, policy: Any) -> int:
             print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
     async def main() -> MigrationResult | None:
-        task = asyncio.ensure_future(migrate(args.source, args.dest, args.uri, lenient=args.lenient,
-                                             policy=policy(args), timeout=args.timeout, deadline=args.deadline,
-                                             check=not args.no_recheck, dest_argv=argv, dest_uri=args.dest_uri,
-                                             on_event=on_event))
+        if args.libvirt_dest:
+            from .libvirt_migrate import migrate_libvirt
+            work = migrate_libvirt(args.source, args.libvirt_dest, key=key(args) if key else None,
+                                   timeout=args.timeout, deadline=args.deadline, migrate_uri=args.uri,
+                                   on_event=on_event)
+        else:
+            work = migrate(args.source, args.dest, args.uri, lenient=args.lenient, policy=policy(args),
+                           timeout=args.timeout, deadline=args.deadline, check=not args.no_recheck, dest_argv=argv,
+                           dest_uri=args.dest_uri, on_event=on_event)
+        task = asyncio.ensure_future(work)
         loop = asyncio.get_running_loop()
 
         def cancel_once() -> None:  # a second Ctrl-C must not cut the clean-up short

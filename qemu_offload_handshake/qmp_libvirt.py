@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from .core.errors import CommandError, ConnectError, ProbeError, QMPTimeoutError, UsageError
 from .qmp import ReadOnlyQMP
 
-__all__ = ["DEFAULT_URI", "PREFIX", "LibvirtQMP", "annotate", "parse_libvirt"]
+__all__ = ["DEFAULT_URI", "PREFIX", "LibvirtQMP", "annotate", "binding", "parse_libvirt"]
 
 PREFIX = "libvirt:"
 DEFAULT_URI = "qemu:///system"
@@ -49,7 +49,7 @@ def parse_libvirt(address: str) -> tuple[str, str]:
     return domain, uri
 
 
-def _binding() -> tuple[Any, Any]:
+def binding() -> tuple[Any, Any]:
     try:
         import libvirt
         import libvirt_qemu
@@ -77,7 +77,7 @@ class LibvirtQMP(ReadOnlyQMP):
             raise QMPTimeoutError(f"{self.where()}: {what} got no answer within {self.timeout} s") from err
 
     async def connect(self) -> None:
-        libvirt, _ = _binding()
+        libvirt, _ = binding()
         try:
             if self._conn is None:
                 self._conn = await self._call("connecting", libvirt.open, self.uri)
@@ -110,7 +110,7 @@ class LibvirtQMP(ReadOnlyQMP):
                 await asyncio.wait_for(asyncio.to_thread(conn.close), self.timeout)
 
     async def _send(self, command: str, arguments: Mapping[str, object] | None) -> Any:
-        libvirt, libvirt_qemu = _binding()
+        libvirt, libvirt_qemu = binding()
         if self._dom is None:
             raise ProbeError(f"{self.where()}: not connected")
         text = json.dumps({"execute": command, **({"arguments": dict(arguments)} if arguments else {})})
@@ -141,7 +141,7 @@ async def annotate(domain: str, *, uri: str = DEFAULT_URI, key: bytes | None = N
     from .core.domxml import NAMESPACE
     from .core.wire import encode
     from .probing import probe_vm
-    libvirt, _ = _binding()
+    libvirt, _ = binding()
     qmp = LibvirtQMP(domain, uri=uri, timeout=timeout)
     async with qmp:
         report = await probe_vm(qmp, host=host or socket.gethostname(), side="source")

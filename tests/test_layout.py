@@ -83,11 +83,13 @@ def test_the_readme_lists_every_rule_with_its_severities() -> None:
 
 def test_every_code_the_decision_emits_is_a_rule() -> None:
     source = "\n".join(p.read_text() for p in core_modules()) + (PACKAGE / "cli.py").read_text()
+    source += (PACKAGE / "libvirt_migrate.py").read_text()
     emitted = set(re.findall(r'c\.add\([^,]+,\s*"([a-z_-]+)"', source))
     emitted |= set(re.findall(r'_bit_finding\(c, [^,]+,\s*"([a-z_-]+)"', source))
     emitted |= set(re.findall(r'\("(report-[a-z-]+)",', source))
     emitted |= set(re.findall(r'\((?:nic\.key|""),\s*"([a-z-]+)"', source))  # predict.py's (device, code, why)
     emitted |= set(re.findall(r'return "([a-z-]+)", f"', source))  # predict.py's (code, why)
+    emitted |= set(re.findall(r'"(hook-[a-z]+)"', source))  # libvirt_migrate.py: the hook's refusal
     emitted |= {f"backend-{check}{end}" for check in ("vnet_hdr", "has_ufo") for end in ("", "-unknown")}
     assert len(emitted) > 30  # the scan itself works
     assert emitted == set(RULES)

@@ -64,8 +64,7 @@ async def annotate(host: LibvirtHost, domain: str = "qohvm") -> None:
 
 
 def address(host: LibvirtHost, domain: str) -> str:
-    # the URI percent-encoded: the address's query is parsed with parse_qs, which reads "qemu+unix" as "qemu unix"
-    return f"libvirt:{domain}?uri={quote(host.uri, safe='')}"
+    return f"libvirt:{domain}?uri={quote(host.uri, safe='')}"  # percent-encoded or not: both are read
 
 
 async def state(host: LibvirtHost, domain: str = "qohvm") -> str:
@@ -160,3 +159,40 @@ async def test_precheck_through_libvirt_agrees_with_the_sockets() -> None:
         assert verdicts["libvirt"] == verdicts["socket"]
         assert verdicts["socket"][1] == "blocked", verdicts  # dom1 negotiated USO, B cannot offer it
 
+
+
+def result_of(done: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    assert lines and lines[-1]["event"] == "result", (done.stdout, done.stderr)
+    result: dict[str, object] = lines[-1]
+    return result
+
+
+async def test_the_migrate_command_through_libvirt() -> None:
+    """``migrate --source libvirt:DOMAIN --libvirt-dest URI``: annotates and migrates in one command; the hook on a
+    destination without USO refuses it (exit 1, the hook's reason, source running); without the hook it fails
+    late (exit 5, source running)."""
+    async with hosts(nouso="B") as h:
+        await h.boot(h.a)
+        await install_hook(h.b)
+        done = await tool("migrate", "--source", f"libvirt:qohvm?uri={h.a.uri}", "--libvirt-dest", h.b.uri, "--json")
+        result = result_of(done)
+        assert (done.returncode, result["ending"]) == (1, "refused"), result
+        assert "qemu-offload-handshake: blocked: net0" in str(result["reason"]) and "USO" in str(result["reason"])
+        assert result["source_state"] == "running" and await state(h.a) == "running"
+        done = await h.b.run(*TOOL, "install-libvirt-hook", "--config", CONFIG, "--uninstall")
+        assert done.returncode == 0, done
+        done = await tool("migrate", "--source", f"libvirt:qohvm?uri={h.a.uri}", "--libvirt-dest", h.b.uri, "--json")
+        result = result_of(done)
+        assert (done.returncode, result["ending"]) == (5, "failed"), result
+        assert result["source_state"] == "running" and await state(h.a) == "running"
+
+
+async def test_the_migrate_command_through_libvirt_migrates_and_verifies() -> None:
+    async with hosts() as h:
+        await h.boot(h.a)
+        await install_hook(h.b)
+        done = await tool("migrate", "--source", address(h.a, "qohvm"), "--libvirt-dest", h.b.uri, "--json")
+        result = result_of(done)
+        assert (done.returncode, result["ending"], result["differences"]) == (0, "migrated", []), result
+        assert result["dest_state"] == "running" and await state(h.b) == "running"

@@ -73,6 +73,8 @@ RULES: dict[str, Rule] = {
     # the handshake between hosts (handshake, answer, serve)
     "handshake": Rule(_I, _I, "the destination host answered the handshake: from what (incoming, scratch, dump)"),
     "handshake-disagrees": Rule(_U, _U, "the destination's own verdict differs from this side's on the same reports"),
+    "hook-refused": Rule(_B, _B, "the destination's libvirt hook refused the migration (migrate through libvirt)"),
+    "hook-undecided": Rule(_U, _U, "the destination's libvirt hook could not decide (migrate through libvirt)"),
     # policy
     "policy-on": Rule(_B, _B, "policy requires a feature a side does not offer"),
     "policy-off": Rule(_A, _A, "policy requires a feature off: turned off on the destination"),
