@@ -36,11 +36,12 @@ from pathlib import Path
 from .answering import Destination, answer_offer
 from .core.conclude import verdict_of
 from .core.decide import Mode
-from .core.domxml import domain_facts, with_overrides
+from .core.domxml import MAX_XML, DomainFacts, domain_facts, with_overrides
 from .core.errors import HandshakeError, UsageError
 from .core.exchange import Offer
 from .core.model import VmReport
 from .core.platform import HostDump
+from .core.predict import backend_kind
 from .core.wire import decode
 
 __all__ = ["DEFAULT_CONFIG", "HookConfig", "decide_incoming", "load_config", "main"]
@@ -75,6 +76,8 @@ def load_config(path: str | None = None) -> HookConfig:
             raise UsageError(f"hook configuration {path}: unknown key {key!r} (known: {', '.join(_KEYS)})")
         if not isinstance(value, _KEYS[key]) or isinstance(value, bool) != (_KEYS[key] is bool):
             raise UsageError(f"hook configuration {path}: {key} = {value!r} is not a {_KEYS[key]}")
+    if not 0 < data.get("timeout", 10) <= 120 or not data.get("max_age", 3600) >= 0:
+        raise UsageError(f"hook configuration {path}: timeout must be 0 to 120 s, max_age not negative")
     return HookConfig(**data)
 
 
@@ -106,18 +109,18 @@ async def decide_incoming(xml: str, config: HookConfig, *, key: bytes | None = N
     facts = domain_facts(xml)
     if facts.report is None:
         if config.require:
-            return 1, "", (f"qemu-offload-handshake: domain {facts.name} carries no offload report (run "
-                           "libvirt-annotate on the source first); refused: this host requires one")
+            return 1, "", (f"{_BLOCKED}domain {facts.name} carries no offload report (run libvirt-annotate on the "
+                           "source first); refused: this host requires one")
         return 0, "", f"qemu-offload-handshake: domain {facts.name} carries no offload report; allowed unchecked"
     try:
         report = decode(facts.report, key=key)
     except HandshakeError as err:
-        return 1, "", f"qemu-offload-handshake: domain {facts.name}: its report cannot be used: {err}"
+        return 1, "", f"{_UNKNOWN}domain {facts.name}: its report cannot be used: {err}"
     if not isinstance(report, VmReport):
-        return 1, "", f"qemu-offload-handshake: domain {facts.name}: its metadata holds no VM report"
-    if report.made_at is not None and time.time() - report.made_at > config.max_age:
-        return 1, "", (f"qemu-offload-handshake: domain {facts.name}: its report is "
-                       f"{int(time.time() - report.made_at)} s old (limit {config.max_age} s): annotate it again")
+        return 1, "", f"{_UNKNOWN}domain {facts.name}: its metadata holds no VM report"
+    problem = _mismatch(facts, report, config.max_age)
+    if problem:
+        return 1, "", f"{_UNKNOWN}domain {facts.name}: {problem}"
     offer = Offer(report, secrets.token_bytes(16), time.time_ns() // 1_000_000,
                   Mode.LENIENT if config.lenient else Mode.STRICT)
     answer = await answer_offer(offer, Destination(config.qemu or None, dump, timeout=config.timeout))
@@ -132,6 +135,39 @@ async def decide_incoming(xml: str, config: HookConfig, *, key: bytes | None = N
     return 1, "", f"qemu-offload-handshake: {verdict.verdict}: {reasons}"[:2000]
 
 
+_BLOCKED, _UNKNOWN = "qemu-offload-handshake: blocked: ", "qemu-offload-handshake: unknown: "
+_FUTURE = 300  # seconds a report may be dated ahead (clocks apart)
+
+
+def _mismatch(facts: DomainFacts, report: VmReport, max_age: int) -> str | None:
+    """Why the report cannot be taken for this domain as it arrives (None: it can): another VM's, another machine
+    type, other NICs or backends than the XML's, too old, undated. A report is a claim about the source; the XML
+    is what the destination will run, so they must agree."""
+    now = time.time()
+    if report.made_at is None:
+        return "its report does not say when it was made: annotate it again"
+    if now - report.made_at > max_age or report.made_at - now > _FUTURE:
+        return (f"its report is dated {int(now - report.made_at)} s ago (accepted: up to {max_age} s, and at most "
+                f"{_FUTURE} s ahead): annotate it again")
+    if not report.vm_uuid or not facts.uuid or report.vm_uuid.lower() != facts.uuid.lower():
+        return f"its report is of VM {report.vm_uuid or '(no UUID)'}, the domain is {facts.uuid or '(no UUID)'}"
+    if report.machine != facts.machine:
+        return f"its report is of machine type {report.machine}, the domain's is {facts.machine}"
+    xml = {n.alias: n for n in facts.nics}
+    if set(xml) != {n.key for n in report.nics}:
+        return (f"its report has NICs {sorted(n.key for n in report.nics)}, the domain's virtio NICs are "
+                f"{sorted(xml)}")
+    for nic in report.nics:
+        there = xml[nic.key]
+        kind = backend_kind(nic)
+        if there.kind is None or kind is None:
+            return f"{nic.key}: a {there.type} backend cannot be told here"
+        if there.kind != (kind if kind != "tap-vhost" else "tap") or (there.vhost is not None and kind in (
+                "tap", "tap-vhost") and there.vhost != (kind == "tap-vhost") and nic.backend_features is not None):
+            return f"{nic.key}: the report's backend is {kind}, the domain's {there.type} ({there.kind})"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[1:3] != ["migrate", "begin"]:
@@ -140,10 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config()
         key, dump = read_inputs(config)
-        xml = sys.stdin.read()
-        code, out, line = asyncio.run(decide_incoming(xml, config, key=key, dump=dump))
+        try:
+            xml = sys.stdin.buffer.read(MAX_XML + 1).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"the domain XML on stdin is not UTF-8: {err}") from None
+        whole = config.timeout * 6  # the scratch QEMU's start and each of its QMP commands have config.timeout
+        code, out, line = asyncio.run(asyncio.wait_for(decide_incoming(xml, config, key=key, dump=dump), whole))
     except UsageError as err:
-        code, out, line = 1, "", f"qemu-offload-handshake: {err}"
+        code, out, line = 1, "", f"{_UNKNOWN}{err}"
+    except TimeoutError:
+        code, out, line = 1, "", f"{_UNKNOWN}no decision within {config.timeout * 6:g} s"
+    except Exception as err:  # a bug: libvirt shows this line, never a traceback, and the migration is refused
+        code, out, line = 1, "", f"{_UNKNOWN}internal error: {type(err).__name__}: {err}"
     if out:
         sys.stdout.write(out)
     if line:

@@ -31,7 +31,7 @@ from .qmp_libvirt import LibvirtQMP, annotate, binding, parse_libvirt
 
 __all__ = ["migrate_libvirt"]
 
-_HOOK = re.compile(r"qemu-offload-handshake: (blocked|unknown|[^:]*report[^\n]*)(.*)")
+_HOOK = re.compile(r"qemu-offload-handshake: (blocked|unknown): (.*)")  # libvirt_hook's refusals
 _STATES = {1: "running", 3: "paused", 5: "shut off", 6: "crashed", 7: "pmsuspended"}
 
 
@@ -80,6 +80,13 @@ def _state_blocking(domain: str, uri: str) -> str | None:
     return _STATES.get(state, f"state {state}")
 
 
+async def _state(domain: str, uri: str, timeout: float) -> str | None:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(_state_blocking, domain, uri), timeout + 5)
+    except TimeoutError:
+        return None
+
+
 async def migrate_libvirt(source: str, dest_uri: str, *, key: bytes | None = None, timeout: float = 5.0,
                           deadline: float = 600.0, migrate_uri: str | None = None,
                           on_event: Callable[[dict[str, object]], None] | None = None) -> MigrationResult:
@@ -103,22 +110,27 @@ async def migrate_libvirt(source: str, dest_uri: str, *, key: bytes | None = Non
         return MigrationResult(Ending.REFUSED, f"not migrated: the domain could not be read: {err}",
                                _verdict(Outcome.UNKNOWN, "probe-failed", str(err), None), events=events)
     assert isinstance(report, VmReport)
-    checked = _verdict(Outcome.COMPATIBLE, "handshake", "decided by the destination's libvirt hook", report)
+    checked = _verdict(Outcome.COMPATIBLE, "handshake", "left to the destination's libvirt hook (a destination "
+                       "without it migrates unchecked: the features are verified afterwards)", report)
     emit({"event": "phase", "phase": "migrate"})
     libvirt, _ = binding()
     try:
         await asyncio.wait_for(asyncio.to_thread(_migrate_blocking, domain, src_uri, dest_uri, migrate_uri),
                                deadline)
     except (TimeoutError, asyncio.CancelledError) as err:
-        await asyncio.shield(asyncio.to_thread(_abort_blocking, domain, src_uri))  # libvirt resumes the source
+        with contextlib.suppress(TimeoutError):  # libvirt resumes the source when its job is aborted
+            await asyncio.shield(asyncio.wait_for(asyncio.to_thread(_abort_blocking, domain, src_uri), timeout + 5))
         why = "cancelled by the operator" if isinstance(err, asyncio.CancelledError) else \
             "cancelled: the migration did not end before the deadline"
-        state = await asyncio.to_thread(_state_blocking, domain, src_uri)
+        state, there = await asyncio.gather(_state(domain, src_uri, timeout), _state(domain, dest_uri, timeout))
+        if there == "running" and state is None:  # it had completed after all: the VM runs on the destination
+            return MigrationResult(Ending.MIGRATED, f"migrated through libvirt ({why} too late to stop it; not "
+                                                    "verified)", checked, dest_state=there, events=events)
         return MigrationResult(Ending.CANCELLED, f"{why}; source {state or 'gone'}", checked, source_state=state,
-                               events=events)
+                               dest_state=there, events=events)
     except libvirt.libvirtError as err:
         message = str(err.get_error_message() or err)
-        state = await asyncio.to_thread(_state_blocking, domain, src_uri)
+        state = await _state(domain, src_uri, timeout)
         hook = _HOOK.search(message)
         if hook:
             outcome = Outcome.UNKNOWN if hook.group(1) == "unknown" else Outcome.BLOCKED
@@ -137,8 +149,8 @@ async def migrate_libvirt(source: str, dest_uri: str, *, key: bytes | None = Non
         differences = offered_differences(report, after)
     except HandshakeError as err:
         differences = (f"the destination could not be read after the migration: {err}",)
-    state = await asyncio.to_thread(_state_blocking, domain, dest_uri)
+    state = await _state(domain, dest_uri, timeout)
     return MigrationResult(Ending.MIGRATED, "migrated through libvirt" + (
         "; the destination offers what the source offered" if not differences else
         "; but the destination's features differ (the VM runs on the destination)"), checked, None, (), differences,
-        await asyncio.to_thread(_state_blocking, domain, src_uri), state, events=events)
+        await _state(domain, src_uri, timeout), state, events=events)

@@ -88,7 +88,11 @@ class LibvirtQMP(ReadOnlyQMP):
         except QMPTimeoutError as err:
             await self.close()
             raise ConnectError(str(err)) from err
-        reply = await self._send("query-version", None)  # read-only: the version the crash table needs
+        try:
+            reply = await self._send("query-version", None)  # read-only: the version the crash table needs
+        except BaseException:
+            await self.close()
+            raise
         try:
             qemu = reply["qemu"]
             self.version = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))

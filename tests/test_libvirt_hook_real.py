@@ -23,11 +23,16 @@ from qemu_offload_handshake.lab.hosts import write_host
 pytestmark = pytest.mark.qemu
 
 
-def domain_xml(report: VmReport) -> str:
-    """The incoming domain XML libvirt would pass: its machine type, one virtio NIC on a tap, alias net0."""
-    return (f"<domain type='qemu'><name>vm1</name><os><type arch='x86_64' machine='{report.machine}'>hvm</type></os>"
+UUID = "6f1f2c1e-1111-4a4a-9b9b-000000000001"
+
+
+def domain_xml(report: VmReport, uuid: str = UUID) -> str:
+    """The incoming domain XML libvirt would pass: its UUID, machine type, one virtio NIC on a tap (libvirt names
+    it net0; the incoming XML carries no alias)."""
+    return (f"<domain type='qemu'><name>vm1</name><uuid>{uuid}</uuid>"
+            f"<os><type arch='x86_64' machine='{report.machine}'>hvm</type></os>"
             "<devices><interface type='ethernet'><mac address='52:54:00:12:34:10'/><model type='virtio'/>"
-            "<driver name='qemu'/><alias name='net0'/></interface></devices></domain>")
+            "<driver name='qemu'/></interface></devices></domain>")
 
 
 def install(folder: Path, *more: str) -> Path:
@@ -48,8 +53,8 @@ def run_hook(hook: Path, xml: str, *op: str) -> subprocess.CompletedProcess[str]
 async def test_the_hook_allows_blocks_and_rewrites(qlab: Lab, tmp_path: Path) -> None:
     require_lab()
     hosts = {kind: write_host(tmp_path, kind) for kind in ("10", "10-nouso")}
-    with_uso = await qlab.start(VmSpec(mode="booted"))  # its guest negotiated USO
-    without = await qlab.start(VmSpec(nics=(Nic("net0", "tap-nouso"),), mode="booted"))
+    with_uso = await qlab.start(VmSpec(mode="booted"), extra_args=["-uuid", UUID])  # its guest negotiated USO
+    without = await qlab.start(VmSpec(nics=(Nic("net0", "tap-nouso"),), mode="booted"), extra_args=["-uuid", UUID])
     xml = {name: with_report(domain_xml(r), encode(r)) for name, r in
            (("uso", await probe(with_uso.address)), ("no-uso", await probe(without.address)))}
 
@@ -68,6 +73,15 @@ async def test_the_hook_allows_blocks_and_rewrites(qlab: Lab, tmp_path: Path) ->
     overrides = domain_facts(more.stdout).overrides["net0"]
     assert {k: v for k, v in overrides.items() if "uso" in k} == {"guest_uso4": "false", "guest_uso6": "false",
                                                                   "host_uso": "false"}, overrides
+
+    # a report that is not this domain's: another VM, machine type or NIC set is never taken (fails closed)
+    report = await probe(with_uso.address)
+    for other, named in ((domain_xml(report, "6f1f2c1e-1111-4a4a-9b9b-000000000002"), "its report is of VM"),
+                         (domain_xml(report).replace(str(report.machine), "pc-q35-7.2"), "machine type"),
+                         (domain_xml(report).replace("</devices>", "<interface type='ethernet'><model "
+                                                     "type='virtio'/></interface></devices>"), "NICs")):
+        done = run_hook(same, with_report(other, encode(report)))
+        assert done.returncode == 1 and named in done.stderr and "unknown:" in done.stderr, done.stderr
 
     # every other operation passes untouched and at once (the script does not start Python for it)
     started = time.monotonic()
