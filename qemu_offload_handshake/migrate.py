@@ -26,6 +26,7 @@ import math
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from . import migrate_steps as steps
 from .api import precheck
@@ -43,7 +44,7 @@ __all__ = ["migrate", "set_options"]
 
 Event = dict[str, object]
 PROGRESS_EVERY = 0.25  # seconds between progress events (status changes are sent at once)
-POLL = 0.05  # query-migrate while RAM is copied
+POLL = steps.POLL  # query-migrate while RAM is copied
 FAST = 0.005  # near the end and after the switchover (one query-migrate costs about 0.3 ms)
 
 
@@ -172,18 +173,13 @@ async def migrate(source: str, dest: str | None = None, uri: str = "", *, lenien
         if started is not None:
             if result.ending is Ending.MIGRATED:
                 started.keep()
-                result = _with(result, dest_pid=started.pid, dest_address=started.address)
+                result = replace(result, dest_pid=started.pid, dest_address=started.address)
             else:
-                result = _with(result, dest_state="killed (started by this command)")
+                result = replace(result, dest_state="killed (started by this command)")
         return result
     finally:
         if started is not None:
             await asyncio.shield(started.close())  # kills it unless kept
-
-
-def _with(result: MigrationResult, **changes: object) -> MigrationResult:
-    from dataclasses import replace
-    return replace(result, **changes)  # type: ignore[arg-type]
 
 
 def _refused(run: _Run, verdict: Verdict) -> MigrationResult:

@@ -57,7 +57,8 @@ READ_ONLY_COMMANDS = frozenset({
 HMP_READ_ONLY = frozenset({"info network"})
 # What the migrate command (migrate.py, and nothing else) sends besides the read-only commands, on a separate
 # client class (MigrationQMP): the precheck's client refuses every one of them. From QEMU's qapi/migration.json
-# and qapi/run-state.json / qapi/misc.json (cont).
+# and qapi/run-state.json / qapi/misc.json (cont). Each was sent through MigrationQMP to real 7.2.22, 10.0.2 and
+# 11.1.3 with a booted guest (pre-switchover, continue, cancel, cont): none is in the crash table, none crashed.
 MIGRATION_COMMANDS = frozenset({
     "query-status",  # the run state: running, paused, inmigrate, finish-migrate, postmigrate
     "query-migrate",  # status and RAM progress

@@ -189,10 +189,6 @@ class Answer:
     def adjustments_dict(self) -> dict[str, dict[str, str]]:
         return {nic: dict(props) for nic, props in self.adjustments}
 
-    @property
-    def recommendations_dict(self) -> dict[str, dict[str, str]]:
-        return {nic: dict(props) for nic, props in self.recommendations}
-
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
